@@ -1,0 +1,4 @@
+from localai_aio.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

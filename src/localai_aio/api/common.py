@@ -1,0 +1,57 @@
+"""What every API family shares: schema-validated JSON routes, model resolution, ids."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema
+
+from localai_aio import keys
+from localai_aio.config import ModelConfig
+from localai_aio.errors import InvalidRequest
+from localai_aio.middlewares import EXPECTS_JSON
+from localai_aio.registry import ModelRegistry
+from localai_aio.schemas import body_schema, route_summary
+
+Handler = Callable[[web.Request], Any]
+
+
+def json_route(method: str, spec_path: str, tag: str) -> Callable[[Handler], Handler]:
+    """Document a handler with the seed spec's schema for ``spec_path`` and validate its JSON body with it.
+
+    The validated body is in ``request["data"]`` (apigami's validation middleware puts it there).
+    """
+    schema = body_schema(method, spec_path)
+
+    def wrap(handler: Handler) -> Handler:
+        setattr(handler, EXPECTS_JSON, True)
+        handler = request_schema(schema(), location="json")(handler)
+        return docs(tags=[tag], summary=route_summary(method, spec_path))(handler)
+
+    return wrap
+
+
+def registry(request: web.Request) -> ModelRegistry:
+    return request.app[keys.REGISTRY]
+
+
+def resolve_model(request: web.Request, name: Any, usecase: str) -> ModelConfig:
+    """The config for the request's ``model``; a missing model means the first one for ``usecase``."""
+    reg = registry(request)
+    if name in (None, ""):
+        return reg.first_model(usecase)
+    if not isinstance(name, str):
+        raise InvalidRequest("`model` must be a string", param="model")
+    return reg.config(name)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,35 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp_apigami import docs
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from localai_aio import keys
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+@docs(tags=["health"], summary="Liveness: the process answers.")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+@docs(tags=["health"], summary="Readiness: configuration loaded and preloaded models ready.")
+async def readyz(request: web.Request) -> web.Response:
+    reg = request.app[keys.REGISTRY]
+    pending = [name for name in request.app[keys.SETTINGS].preload_models if not reg.is_loaded(name)]
+    if pending:
+        return web.json_response({"status": "loading", "pending": pending}, status=503,
+                                 headers={"Retry-After": "1"})
+    return web.json_response({"status": "ready", "models": reg.names(), "loaded": reg.loaded_names()})
+
+
+@routes.get("/metrics")
+@docs(tags=["health"], summary="Prometheus metrics.")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,24 @@
+"""GET /v1/models: every configured model and alias, in OpenAI's list shape."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp_apigami import docs
+
+from localai_aio.api.common import registry
+
+routes = web.RouteTableDef()
+
+
+def _model_entry(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "localai-aio"}
+
+
+@routes.get("/v1/models")
+@routes.get("/models")
+@docs(tags=["models"], summary="List the configured models (and their aliases).")
+async def list_models(request: web.Request) -> web.Response:
+    reg = registry(request)
+    data = [_model_entry(name, reg.config(name).created) for name in reg.names()]
+    data += [_model_entry(alias, reg.config(target).created) for alias, target in reg.aliases().items()]
+    return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,111 @@
+"""The application factory: settings in, a ready ``web.Application`` out (no globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp_cors
+from aiohttp import web
+from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
+
+from localai_aio import __version__, keys
+from localai_aio.api import chat, completions, health, models
+from localai_aio.backends import default_backends
+from localai_aio.backends.base import Backend
+from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
+from localai_aio.errors import error_middleware
+from localai_aio.metrics import Metrics
+from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
+from localai_aio.registry import ModelRegistry
+from localai_aio.validation import raise_validation_error
+
+log = logging.getLogger(__name__)
+
+API_MODULES = (health, models, chat, completions)
+
+
+def _check_config_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"config dir {path} is not writable: {exc.strerror or exc}") from None
+
+
+async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Streams hold a worker for their whole length, so the pool is sized for many at once.
+    executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="localai-worker")
+    app[keys.EXECUTOR] = executor
+    yield
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    reg = ModelRegistry(app[keys.MODEL_CONFIGS], settings, backends=app[keys.BACKENDS],
+                        executor=app[keys.EXECUTOR], metrics=app[keys.METRICS])
+    app[keys.REGISTRY] = reg
+    watchdog = asyncio.create_task(reg.watchdog()) if settings.idle_timeout else None
+    preload = asyncio.create_task(_preload(reg, settings.preload_models))
+    yield
+    for task in (watchdog, preload):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    await reg.close()
+
+
+async def _preload(reg: ModelRegistry, names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            await reg.load(name)
+        except Exception as exc:  # reported; the server keeps serving the others
+            log.error("preloading model %s failed: %s", name, getattr(exc, "message", exc))
+
+
+def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelConfig] | None = None,
+               backends: Mapping[str, Backend] | None = None) -> web.Application:
+    """Build the server. ``model_configs`` and ``backends`` default to the models directory and the
+    built-in engines; tests pass their own."""
+    _check_config_dir(Path(settings.config_dir))
+    if model_configs is None:
+        model_configs, problems = load_model_configs(settings.models_path)
+        for problem in problems:
+            log.warning("%s", problem)
+    app = web.Application(
+        client_max_size=settings.upload_limit_bytes,
+        middlewares=[request_log_middleware, error_middleware, auth_middleware, body_middleware,
+                     validation_middleware],
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.MODEL_CONFIGS] = dict(model_configs)
+    app[keys.METRICS] = Metrics()
+    app[keys.BACKENDS] = dict(default_backends() if backends is None else backends)
+    app.cleanup_ctx.append(_executor_ctx)
+    app.cleanup_ctx.append(_registry_ctx)
+    for module in API_MODULES:
+        app.router.add_routes(module.routes)
+    setup_aiohttp_apispec(
+        app, title="localai_aio API", version=__version__, url="/swagger.json", swagger_path="/swagger/",
+        static_path="/swagger/static", error_callback=raise_validation_error, in_place=True,
+        securityDefinitions={"BearerAuth": {"type": "apiKey", "name": "Authorization", "in": "header"}},
+        security=[{"BearerAuth": []}],
+    )
+    if settings.cors:
+        cors = aiohttp_cors.setup(app, defaults={
+            origin: aiohttp_cors.ResourceOptions(allow_credentials=False, expose_headers="*",
+                                                 allow_headers="*", allow_methods="*")
+            for origin in settings.cors_allow_origins
+        })
+        for route in list(app.router.routes()):
+            with contextlib.suppress(ValueError):  # static routes and duplicates
+                cors.add(route)
+    return app

@@ -1,0 +1,34 @@
+"""Engine backends, one module each, registered by the name a model YAML uses in ``backend:``.
+
+Modules are imported only when a model that needs them loads, so the server starts (and serves
+the other models) without every engine installed; a missing engine is a clear load error.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from localai_aio.backends.base import Backend, BackendError
+
+#: backend name -> (module, the pip extra that installs its engine)
+BACKEND_MODULES: dict[str, tuple[str, str]] = {
+    "llama-cpp": ("localai_aio.backends.llama_cpp", "llama"),
+    "ctransformers": ("localai_aio.backends.ctransformers", "ctransformers"),
+}
+
+
+def _lazy(module: str, extra: str) -> Backend:
+    def load(cfg, settings):  # noqa: ANN001, ANN202 - matches Backend
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise BackendError(f"its engine is not installed ({exc.name}); "
+                               f"install it with: pip install 'localai-aio[{extra}]'") from None
+        return mod.load(cfg, settings)
+
+    return load
+
+
+def default_backends() -> dict[str, Callable]:
+    return {name: _lazy(module, extra) for name, (module, extra) in BACKEND_MODULES.items()}

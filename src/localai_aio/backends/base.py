@@ -1,0 +1,68 @@
+"""The small interface every engine backend implements.
+
+A backend turns a ``ModelConfig`` into an engine instance (a blocking load, run in a worker thread).
+The registry keeps ``parallel`` instances of each model and hands one instance to one request at a
+time, so an engine never needs locking of its own. Capabilities are plain methods; a backend that
+lacks one simply does not define it, and the API layer answers 400 naming the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from localai_aio.config import ModelConfig, ServerSettings
+
+
+class BackendError(Exception):
+    """A backend cannot load or run a model; the message is shown to the client."""
+
+
+class Engine(Protocol):
+    """One loaded model instance. ``close`` releases its memory."""
+
+    def close(self) -> None: ...
+
+
+#: A backend is a blocking loader: (model config, server settings) -> engine instance.
+Backend = Callable[["ModelConfig", "ServerSettings"], Any]
+
+
+def threads_for(cfg: ModelConfig, settings: ServerSettings) -> int:
+    return int(cfg.threads or settings.threads or 1)
+
+
+def context_size_for(cfg: ModelConfig, settings: ServerSettings) -> int:
+    return int(cfg.context_size or settings.context_size)
+
+
+def require_file(cfg: ModelConfig) -> Path:
+    if cfg.error:
+        raise BackendError(cfg.error)
+    if cfg.model_path is None:
+        raise BackendError(f"model {cfg.name!r} has no `parameters.model` file configured")
+    if not cfg.model_path.exists():
+        raise BackendError(f"model file of {cfg.name!r} does not exist")
+    return cfg.model_path
+
+
+def infer_backend(cfg: ModelConfig) -> str | None:
+    """The backend a model's file implies when its YAML names none (LocalAI infers it the same way)."""
+    path = cfg.model_path
+    if path is None:
+        return None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "llama-cpp"
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if "model_index.json" in names:
+            return "onnx-diffusion"
+        if "encoder_model.onnx" in names:
+            return "onnx-whisper"
+        if "model.onnx" in names:
+            return "onnx-embeddings"
+    if path.suffix == ".onnx" and path.with_name(path.name + ".json").exists():
+        return "piper"
+    return None

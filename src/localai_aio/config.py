@@ -1,0 +1,374 @@
+"""All configuration: server settings (flags > environment > conf file > defaults) and model configs.
+
+Server settings are declared once, in ``SETTINGS``; the ``serve`` flags, the environment variables and
+the conf-file keys are all derived from that table so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_FILE = Path("conf/server.yaml")
+
+
+class ConfigError(Exception):
+    """A setting or a model config that cannot be used; the message says which and why."""
+
+
+def _csv(value: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(item.strip() for item in value if str(item).strip())
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _address(value: str) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if str(value).lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value).lower()
+
+    return parse
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One server setting: its flag, environment variables, parser and help text."""
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    env: tuple[str, ...] = ()
+    metavar: str | None = None
+    flag_only_bool: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("address", "127.0.0.1:8080", _address, "Address to listen on, HOST:PORT.",
+            ("LOCALAI_ADDRESS",), "HOST:PORT"),
+    Setting("models_path", "models", str,
+            "Directory holding model files and their YAML configs.",
+            ("LOCALAI_MODELS_PATH", "MODELS_PATH"), "DIR"),
+    Setting("api_keys", (), _csv,
+            "Comma-separated API keys. With none set the API is open.",
+            ("LOCALAI_API_KEY", "API_KEY"), "K1,K2"),
+    Setting("config_dir", "data", str,
+            "Directory for persistent state (assistants, files, generated content).",
+            ("LOCALAI_CONFIG_DIR",), "DIR"),
+    Setting("threads", max(1, os.cpu_count() or 1), _positive_int,
+            "Default CPU threads per model instance (a model's YAML `threads` overrides it).",
+            ("LOCALAI_THREADS",), "N"),
+    Setting("context_size", 2048, _positive_int,
+            "Default context size in tokens (a model's YAML `context_size` overrides it).",
+            ("LOCALAI_CONTEXT_SIZE",), "N"),
+    Setting("upload_limit", 15, _positive_float,
+            "Largest request body accepted, in MB; larger ones get 413.",
+            ("LOCALAI_UPLOAD_LIMIT",), "MB"),
+    Setting("cors", False, _bool, "Answer cross-origin requests (CORS).", ("LOCALAI_CORS",),
+            flag_only_bool=True),
+    Setting("cors_allow_origins", ("*",), _csv, "Comma-separated origins allowed when --cors is on.",
+            ("LOCALAI_CORS_ALLOW_ORIGINS",), "O1,O2"),
+    Setting("max_loaded_models", 0, _positive_int,
+            "Most models kept loaded at once; the least recently used idle one is unloaded first. "
+            "0 means no limit.", ("LOCALAI_MAX_LOADED_MODELS",), "N"),
+    Setting("idle_timeout", 0.0, _positive_float,
+            "Unload a model unused for this many seconds. 0 keeps models loaded.",
+            ("LOCALAI_IDLE_TIMEOUT",), "SECONDS"),
+    Setting("preload_models", (), _csv, "Comma-separated models to load at start.",
+            ("LOCALAI_PRELOAD_MODELS",), "A,B"),
+    Setting("queue_size", 16, _positive_int,
+            "Requests that may wait for a busy model; more get 503 with Retry-After.",
+            ("LOCALAI_QUEUE_SIZE",), "N"),
+    Setting("shutdown_timeout", 30.0, _positive_float,
+            "Seconds in-flight requests get to finish after SIGTERM.",
+            ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
+    Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "Log level.",
+            ("LOCALAI_LOG_LEVEL",), "LEVEL"),
+    Setting("log_format", "text", _choice("text", "json"), "Log line format: text or json.",
+            ("LOCALAI_LOG_FORMAT",), "FORMAT"),
+)
+_SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's settings once every source has been merged and parsed."""
+
+    address: str = "127.0.0.1:8080"
+    models_path: str = "models"
+    api_keys: tuple[str, ...] = ()
+    config_dir: str = "data"
+    threads: int = 1
+    context_size: int = 2048
+    upload_limit: float = 15
+    cors: bool = False
+    cors_allow_origins: tuple[str, ...] = ("*",)
+    max_loaded_models: int = 0
+    idle_timeout: float = 0.0
+    preload_models: tuple[str, ...] = ()
+    queue_size: int = 16
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def upload_limit_bytes(self) -> int:
+        return int(self.upload_limit * 1024 * 1024)
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; flags left unset stay ``None`` so lower-precedence sources apply."""
+    parser.add_argument("--config-file", metavar="FILE", default=None,
+                        help=f"Server config file (YAML). Default: {DEFAULT_CONFIG_FILE} when it exists; "
+                        "env LOCALAI_CONFIG_FILE.")
+    for s in SETTINGS:
+        env = f" Env: {' or '.join(s.env)}." if s.env else ""
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        text = f"{s.help}{env} Default: {default!r}."
+        if s.flag_only_bool:
+            parser.add_argument(s.flag, dest=s.name, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(s.flag, dest=s.name, metavar=s.metavar, default=None, help=text)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    unknown = sorted(set(data) - set(_SETTINGS_BY_NAME))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    return data
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                  config_file: str | Path | None = None) -> ServerSettings:
+    """Merge the sources by precedence: flags > environment > config file > defaults."""
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    if config_file is None:
+        config_file = flags.pop("config_file", None) or environ.get("LOCALAI_CONFIG_FILE")
+        if config_file is None and DEFAULT_CONFIG_FILE.is_file():
+            config_file = DEFAULT_CONFIG_FILE
+    flags.pop("config_file", None)
+    from_file = _read_config_file(Path(config_file)) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw, source = s.default, "default"
+        if s.name in from_file:
+            raw, source = from_file[s.name], f"config file {config_file}"
+        for var in s.env:
+            if environ.get(var) not in (None, ""):
+                raw, source = environ[var], f"environment variable {var}"
+                break
+        if flags.get(s.name) is not None:
+            raw, source = flags[s.name], f"flag {s.flag}"
+        try:
+            values[s.name] = s.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid {s.name} from {source}: {exc}") from None
+    return ServerSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model configs (LocalAI's YAML keys)
+# ---------------------------------------------------------------------------------------------------------
+
+# Keys this server reads from a model YAML; everything else is kept in ``extra`` and logged once.
+KNOWN_MODEL_KEYS = frozenset({
+    "name", "backend", "parameters", "context_size", "threads", "template", "stopwords", "embeddings",
+    "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "mmap", "gpu_layers",
+    "description", "usage", "function", "tts", "diffusers", "options", "roles",
+})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model as the server sees it: name, backend, file and the YAML's other keys."""
+
+    name: str
+    backend: str | None
+    model_path: Path | None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    context_size: int | None = None
+    threads: int | None = None
+    parallel: int = 1
+    seed: int | None = None
+    template: Mapping[str, Any] = field(default_factory=dict)
+    stopwords: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    embeddings: bool = False
+    known_usecases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    function: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+    error: str | None = None
+    created: int = 0  # mtime of the YAML or the bare file: the `created` of /v1/models
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """A backend-specific key from the YAML (``extra``) or its ``parameters``."""
+        if key in self.extra:
+            return self.extra[key]
+        return self.parameters.get(key, default)
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """Resolve ``relative`` under ``root``; refuse absolute paths, ``..`` and symlinks that leave it."""
+    if not relative or os.path.isabs(relative) or "\x00" in relative:
+        raise ConfigError(f"model path {relative!r} must be relative to the models directory")
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ConfigError(f"model path {relative!r} leaves the models directory")
+    return candidate
+
+
+def _model_from_yaml(data: dict[str, Any], source: Path, models_path: Path) -> ModelConfig:
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("missing `name`")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("`parameters` must be a mapping")
+    model_file = params.get("model")
+    path = None
+    error = None
+    if model_file is not None:
+        path = resolve_inside(models_path, str(model_file))
+        if not path.exists():
+            error = f"model file {model_file!r} of model {name!r} does not exist in the models directory"
+    template = data.get("template") or {}
+    if isinstance(template, str):
+        template = {"chat": template}
+    stopwords = data.get("stopwords") or ()
+    if isinstance(stopwords, str):
+        stopwords = (stopwords,)
+    parallel = int(data.get("parallel") or 1)
+    if parallel < 1:
+        raise ConfigError("`parallel` must be at least 1")
+    extra = {k: v for k, v in data.items() if k not in KNOWN_MODEL_KEYS}
+    return ModelConfig(
+        name=name.strip(), backend=data.get("backend"), model_path=path, parameters=dict(params),
+        context_size=data.get("context_size"), threads=data.get("threads"), parallel=parallel,
+        seed=data.get("seed", params.get("seed")), template=dict(template),
+        stopwords=tuple(str(s) for s in stopwords), system_prompt=data.get("system_prompt"),
+        embeddings=bool(data.get("embeddings", False)),
+        known_usecases=tuple(data.get("known_usecases") or ()),
+        aliases=tuple(str(a) for a in data.get("aliases") or ()), function=dict(data.get("function") or {}),
+        extra=extra, source=source, error=error, created=int(source.stat().st_mtime),
+    )
+
+
+MODEL_FILE_SUFFIXES = (".gguf", ".bin", ".ggml")
+
+
+def load_model_configs(models_path: str | Path) -> tuple[dict[str, ModelConfig], list[str]]:
+    """Read every YAML in the models directory, plus bare model files not claimed by a YAML.
+
+    Returns the configs by name and the problems found (one line each). A broken YAML is reported
+    and skipped; a config whose file is missing is kept with ``error`` set so that requests for it
+    get a clear answer instead of "unknown model".
+    """
+    root = Path(models_path)
+    configs: dict[str, ModelConfig] = {}
+    problems: list[str] = []
+    if not root.is_dir():
+        return configs, [f"models directory {root} does not exist; no models are configured"]
+    claimed: set[Path] = set()
+    for source in sorted(list(root.glob("*.yaml")) + list(root.glob("*.yml"))):
+        try:
+            data = yaml.safe_load(source.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ConfigError("the file must hold a mapping")
+            cfg = _model_from_yaml(data, source, root)
+        except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as exc:
+            problems.append(f"model config {source.name} is broken and is not served: {_one_line(exc)}")
+            continue
+        if cfg.name in configs:
+            problems.append(f"model config {source.name}: name {cfg.name!r} is already defined; ignored")
+            continue
+        if cfg.error:
+            problems.append(f"model config {source.name}: {cfg.error}")
+        if cfg.extra:
+            log.info("model %s: keeping keys this server does not use: %s", cfg.name, ", ".join(sorted(cfg.extra)))
+        configs[cfg.name] = cfg
+        if cfg.model_path is not None:
+            claimed.add(cfg.model_path)
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() in MODEL_FILE_SUFFIXES and path.is_file() and path.resolve() not in claimed:
+            try:
+                resolved = resolve_inside(root, path.name)
+            except ConfigError as exc:
+                problems.append(f"model file {path.name}: {exc}")
+                continue
+            if path.name not in configs:
+                configs[path.name] = ModelConfig(name=path.name, backend=None, model_path=resolved,
+                                                 created=int(path.stat().st_mtime))
+    return configs, problems
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

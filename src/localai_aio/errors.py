@@ -1,0 +1,165 @@
+"""Typed API errors and the one middleware that renders every failure in OpenAI's error shape.
+
+Handlers and backends raise these; nothing else builds error bodies, so every route answers
+``{"error": {"message", "type", "param", "code"}}`` with the right status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from localai_aio import keys
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client should see. Subclasses fix the status and the OpenAI error type."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    pass
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotImplementedForModel(APIError):
+    """The model's backend cannot do what the request asks (a capability, not a bug)."""
+
+    status = 400
+    code = "unsupported_for_model"
+
+
+class ServerBusy(APIError):
+    """Too many requests are waiting; the client should retry after ``Retry-After`` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kwargs: Any):
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kwargs)
+
+
+class ModelLoadFailed(APIError):
+    """A configured model could not be loaded (bad file, missing file, unusable backend)."""
+
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def error_response(err: APIError, request_id: str | None = None) -> web.Response:
+    headers = dict(err.headers)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+_HTTP_ERRORS: dict[int, type[APIError]] = {
+    400: InvalidRequest, 401: AuthenticationFailed, 404: NotFound, 405: MethodNotAllowed,
+    413: PayloadTooLarge, 415: UnsupportedMediaType,
+}
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> APIError:
+    """Translate aiohttp's own HTTP errors (router 404/405, body too large, ...) into API errors."""
+    if exc.status == 404:
+        return NotFound(f"Unknown route: {request.method} {request.path}")
+    if exc.status == 405:
+        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
+        err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}"
+                               + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+        if allowed:
+            err.headers["Allow"] = ",".join(allowed)
+        return err
+    if exc.status == 413:
+        limit = request.app[keys.SETTINGS].upload_limit
+        return PayloadTooLarge(f"Request body is larger than the upload limit of {limit:g} MB")
+    cls = _HTTP_ERRORS.get(exc.status)
+    if cls is None:
+        cls = InternalError if exc.status >= 500 else InvalidRequest
+    text = exc.text or exc.reason
+    try:  # webargs and friends put JSON in the body
+        text = json.dumps(json.loads(text)) if text else exc.reason
+    except (TypeError, ValueError):
+        pass
+    err = cls(text or exc.reason)
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as an OpenAI error; log unexpected ones with the request id, never leak them."""
+    try:
+        return await handler(request)
+    except APIError as err:
+        return error_response(err, request.get(keys.REQUEST_ID))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID))
+    except Exception:
+        rid = request.get(keys.REQUEST_ID)
+        log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)
+        return error_response(InternalError(f"Internal server error (request id {rid})"), rid)

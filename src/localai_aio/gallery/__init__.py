@@ -1,0 +1,1 @@
+"""Model gallery: named entries in conf/gallery.yaml, installed into the models directory."""

@@ -1,0 +1,20 @@
+"""Every ``web.AppKey`` of the application, in one place (no module-level state elsewhere)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    pass
+
+SETTINGS = web.AppKey("settings", "ServerSettings")
+MODEL_CONFIGS = web.AppKey("model_configs", "dict[str, ModelConfig]")
+REGISTRY = web.AppKey("registry", "ModelRegistry")
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+METRICS = web.AppKey("metrics", "Metrics")
+SPEC = web.AppKey("openapi_spec", dict)
+BACKENDS = web.AppKey("backends", dict)
+REQUEST_ID = web.RequestKey("request_id", str)

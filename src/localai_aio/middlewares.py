@@ -1,0 +1,116 @@
+"""Request-level middlewares: request id + access log + metrics, API-key auth, body checks."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+
+from localai_aio import keys
+from localai_aio.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+access_log = logging.getLogger("localai_aio.access")
+
+#: Paths that answer without an API key: health probes and the API documentation.
+PUBLIC_PATHS = ("/healthz", "/readyz", "/swagger.json")
+PUBLIC_PREFIXES = ("/swagger/",)
+
+#: Set on handlers whose body is a JSON object validated by a schema (see ``api.common.json_route``).
+EXPECTS_JSON = "__localai_expects_json__"
+
+
+def route_label(request: web.Request) -> str:
+    """The route's template (``/v1/assistants/{assistant_id}``), so metrics do not explode per id."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    if resource is None or isinstance(request.match_info.http_exception, web.HTTPException):
+        return "unmatched"
+    return resource.canonical
+
+
+@web.middleware
+async def request_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request (method, path, status, duration, request id) and the HTTP metrics."""
+    rid = request.headers.get("X-Request-ID", "")
+    if not (0 < len(rid) <= 64 and rid.isprintable()):
+        rid = uuid.uuid4().hex
+    request[keys.REQUEST_ID] = rid
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-ID"] = rid
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        label = route_label(request)
+        metrics = request.app[keys.METRICS]
+        metrics.requests.labels(label, request.method, str(status)).inc()
+        metrics.latency.labels(label, request.method).observe(elapsed)
+        access_log.info("%s %s %d %.1fms rid=%s", request.method, request.path, status, elapsed * 1000, rid,
+                        extra={"method": request.method, "path": request.path, "status": status,
+                               "duration_ms": round(elapsed * 1000, 2), "request_id": rid})
+
+
+def is_public(request: web.Request) -> bool:
+    return request.method == hdrs.METH_OPTIONS or request.path in PUBLIC_PATHS \
+        or request.path.startswith(PUBLIC_PREFIXES)
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or request.headers.get("xi-api-key")
+
+
+def key_matches(key: str, allowed: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every configured key (no early exit on the first match)."""
+    found = False
+    for candidate in allowed:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    allowed = request.app[keys.SETTINGS].api_keys
+    if allowed and not is_public(request):
+        key = presented_key(request)
+        if key is None:
+            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
+        if not key_matches(key, allowed):
+            raise AuthenticationFailed("Incorrect API key provided")
+    return await handler(request)
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse oversized bodies before reading them; check JSON bodies before schema validation."""
+    limit = request.app[keys.SETTINGS].upload_limit_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body is larger than the upload limit of "
+                              f"{request.app[keys.SETTINGS].upload_limit:g} MB")
+    if getattr(request.match_info.handler, EXPECTS_JSON, False):
+        if request.content_type != "application/json":
+            raise UnsupportedMediaType(f"Content-Type must be application/json, not "
+                                       f"'{request.content_type or 'none'}'")
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object")
+    return await handler(request)

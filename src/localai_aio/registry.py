@@ -1,0 +1,257 @@
+"""The model registry: name -> config -> loaded engine instances, shared by every API family.
+
+Why it is shaped this way:
+- Loads are lazy, run in the thread pool, and happen at most once however many requests arrive
+  together (one shared load task per model; the first requester leaving does not cancel it).
+- Each model has a pool of ``parallel`` engine instances; one request holds one instance, because
+  GGUF engines crash when one instance is used from two threads. Requests beyond the pool wait in
+  a bounded queue, then get 503 with ``Retry-After``.
+- ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
+- A later continuous-batching engine can expose one instance that accepts many requests at once by
+  reporting a larger ``slots`` count; the pool logic stays as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from localai_aio.backends.base import Backend, BackendError, infer_backend
+from localai_aio.config import ModelConfig, ServerSettings
+from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
+from localai_aio.metrics import Metrics
+from localai_aio.runtime import run_blocking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """Runtime state of one configured model."""
+
+    cfg: ModelConfig
+    instances: list[Any] = field(default_factory=list)
+    free: list[Any] = field(default_factory=list)
+    users: int = 0  # requests inside acquire(): waiting, loading or running
+    last_used: float = 0.0
+    loading: asyncio.Future[None] | None = None
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.instances)
+
+
+class ModelRegistry:
+    def __init__(self, configs: Mapping[str, ModelConfig], settings: ServerSettings, *,
+                 backends: Mapping[str, Backend], executor: Executor | None = None,
+                 metrics: Metrics | None = None):
+        self.settings = settings
+        self._backends = dict(backends)
+        self._executor = executor
+        self._metrics = metrics
+        self._slots: dict[str, _Slot] = {name: _Slot(cfg) for name, cfg in configs.items()}
+        self._aliases: dict[str, str] = {}
+        for name, cfg in configs.items():
+            for alias in cfg.aliases:
+                if alias not in self._slots:
+                    self._aliases.setdefault(alias, name)
+        self._evict_lock = asyncio.Lock()
+
+    # -- lookup -------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def config(self, name: str) -> ModelConfig:
+        slot = self._slots.get(name) or self._slots.get(self._aliases.get(name, ""))
+        if slot is None:
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        return slot.cfg
+
+    def backend_name(self, cfg: ModelConfig) -> str | None:
+        return cfg.backend or infer_backend(cfg)
+
+    def first_model(self, usecase: str) -> ModelConfig:
+        """The first configured model able to serve ``usecase`` (LocalAI's rule for a missing ``model``)."""
+        for slot in self._slots.values():
+            if usecase in self.usecases(slot.cfg):
+                return slot.cfg
+        raise ModelNotFound(f"No model is configured for {usecase}; pass `model`", param="model")
+
+    def usecases(self, cfg: ModelConfig) -> set[str]:
+        if cfg.known_usecases:
+            return {u.lower() for u in cfg.known_usecases}
+        backend = self.backend_name(cfg)
+        if backend in {"llama-cpp", "ctransformers"}:
+            return {"chat", "completion"} | ({"embeddings"} if cfg.embeddings else set())
+        return {
+            "onnx-embeddings": {"embeddings"}, "onnx-whisper": {"transcript"}, "piper": {"tts"},
+            "onnx-diffusion": {"image"},
+        }.get(backend or "", set())
+
+    def is_loaded(self, name: str) -> bool:
+        return self._slots[self.config(name).name].loaded
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, slot in self._slots.items() if slot.loaded]
+
+    # -- use ----------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[Any]:
+        """Hold one engine instance of ``name`` for the duration of the block."""
+        slot = self._slots[self.config(name).name]
+        capacity = slot.cfg.parallel + self.settings.queue_size
+        if slot.users >= capacity:
+            raise ServerBusy(f"Model '{slot.cfg.name}' is busy: {slot.users} requests are already "
+                             "running or waiting; retry later", retry_after=1)
+        slot.users += 1
+        engine = None
+        try:
+            await self._ensure_loaded(slot)
+            async with slot.cond:
+                await slot.cond.wait_for(lambda: bool(slot.free) or not slot.loaded)
+                if not slot.loaded:  # unloaded while we waited (only on shutdown)
+                    raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
+                engine = slot.free.pop()
+            yield engine
+        finally:
+            slot.users -= 1
+            slot.last_used = time.monotonic()
+            if engine is not None:
+                async with slot.cond:
+                    slot.free.append(engine)
+                    slot.cond.notify()
+
+    async def load(self, name: str) -> None:
+        await self._ensure_loaded(self._slots[self.config(name).name])
+
+    async def _ensure_loaded(self, slot: _Slot) -> None:
+        if slot.loaded:
+            return
+        if slot.loading is None:
+            slot.loading = asyncio.ensure_future(self._load(slot))
+        task = slot.loading
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and slot.loading is task:
+                slot.loading = None  # success or failure: a failed load is retried by the next request
+
+    async def _load(self, slot: _Slot) -> None:
+        cfg = slot.cfg
+        backend_name = self.backend_name(cfg)
+        if cfg.error:
+            raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {cfg.error}", param="model")
+        backend = self._backends.get(backend_name or "")
+        if backend is None:
+            known = ", ".join(sorted(self._backends)) or "none"
+            what = f"backend '{backend_name}' is not available" if backend_name else "no backend is configured " \
+                "and none can be inferred from its file"
+            raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {what} (available: {known})",
+                                  param="model")
+        await self._make_room(slot)
+        started = time.monotonic()
+        log.info("loading model %s (backend %s, %d instance(s))", cfg.name, backend_name, cfg.parallel)
+        instances: list[Any] = []
+        try:
+            for _ in range(cfg.parallel):
+                instances.append(await run_blocking(self._executor, backend, cfg, self.settings))
+        except BackendError as exc:
+            await self._close_all(instances)
+            log.error("loading model %s failed: %s", cfg.name, exc)
+            raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {exc}", param="model") from None
+        except Exception as exc:
+            await self._close_all(instances)
+            log.exception("loading model %s failed", cfg.name)
+            raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {type(exc).__name__}",
+                                  param="model") from None
+        elapsed = time.monotonic() - started
+        async with slot.cond:
+            slot.instances = instances
+            slot.free = list(instances)
+            slot.last_used = time.monotonic()
+            slot.cond.notify_all()
+        log.info("loaded model %s in %.2f s", cfg.name, elapsed)
+        if self._metrics:
+            self._metrics.model_loads.labels(cfg.name).observe(elapsed)
+            self._metrics.loaded_models.set(len(self.loaded_names()))
+
+    async def _make_room(self, slot: _Slot) -> None:
+        limit = self.settings.max_loaded_models
+        if not limit:
+            return
+        async with self._evict_lock:
+            others = [s for s in self._slots.values() if s is not slot and (s.loaded or s.loading)]
+            while len(others) >= limit:
+                idle = [s for s in others if s.loaded and s.users == 0]
+                if not idle:
+                    raise ServerBusy(f"{limit} model(s) are loaded and all are in use; "
+                                     f"cannot load '{slot.cfg.name}' now", retry_after=2)
+                victim = min(idle, key=lambda s: s.last_used)
+                await self._unload(victim, reason="least recently used")
+                others.remove(victim)
+
+    async def _unload(self, slot: _Slot, reason: str) -> None:
+        async with slot.cond:
+            instances, slot.instances, slot.free = slot.instances, [], []
+            slot.cond.notify_all()
+        if not instances:
+            return
+        started = time.monotonic()
+        await self._close_all(instances)
+        log.info("unloaded model %s (%s) in %.2f s", slot.cfg.name, reason, time.monotonic() - started)
+        if self._metrics:
+            self._metrics.loaded_models.set(len(self.loaded_names()))
+
+    async def _close_all(self, instances: list[Any]) -> None:
+        for engine in instances:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                try:
+                    await run_blocking(self._executor, close)
+                except Exception:
+                    log.exception("closing an engine failed")
+
+    async def unload(self, name: str) -> None:
+        slot = self._slots[self.config(name).name]
+        if slot.users:
+            raise ServerBusy(f"Model '{name}' is in use", retry_after=1)
+        await self._unload(slot, reason="requested")
+
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload models unused for ``idle_timeout`` seconds; returns their names."""
+        timeout = self.settings.idle_timeout
+        if not timeout:
+            return []
+        now = time.monotonic() if now is None else now
+        done = []
+        for slot in list(self._slots.values()):
+            if slot.loaded and slot.users == 0 and now - slot.last_used >= timeout:
+                await self._unload(slot, reason=f"idle for {timeout:g} s")
+                done.append(slot.cfg.name)
+        return done
+
+    async def watchdog(self) -> None:
+        """Runs for the app's lifetime: unload idle models."""
+        interval = max(0.05, min(self.settings.idle_timeout / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.unload_idle()
+            except Exception:
+                log.exception("idle unload failed")
+
+    async def close(self) -> None:
+        for slot in self._slots.values():
+            await self._unload(slot, reason="shutdown")

@@ -1,0 +1,40 @@
+"""Server-Sent Events exactly as OpenAI's clients read them: ``data: {json}\\n\\n`` ... ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from localai_aio import keys
+
+
+class EventStream:
+    def __init__(self, request: web.Request):
+        self.request = request
+        self.response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+            "X-Request-ID": request.get(keys.REQUEST_ID, ""),
+        })
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def send(self, payload: Any) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        await self.response.write(f"data: {data}\n\n".encode())
+
+    async def done(self) -> web.StreamResponse:
+        await self.send("[DONE]")
+        await self.response.write_eof()
+        return self.response
+
+    async def fail(self, body: dict[str, Any]) -> web.StreamResponse:
+        """An error after the stream started: one ``data: {"error": ...}`` event, then the stream ends."""
+        await self.send(body)
+        await self.response.write_eof()
+        return self.response

@@ -1,0 +1,122 @@
+"""Tiny real models written by the tests themselves (no downloads).
+
+``write_tiny_gguf`` writes a 2-layer llama GGUF with a SentencePiece vocabulary (byte fallback) and a
+ChatML template. Its weights make greedy output predictable: the transformer blocks add nothing to
+the residual stream, so the logits depend only on the current token, and the output matrix maps each
+token to a chosen successor (``SUCCESSORS``). After the ChatML prompt ends with "\\n" the model says
+" Hello world! Hello world! ..." until ``max_tokens``; after " bye" it ends with the end token.
+Both llama-cpp-python and ctransformers load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = ["▁Hello", "▁world", "!", "▁bye", "▁by", "▁the", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁a", "▁b"]
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def vocabulary(bpe: bool = False) -> tuple[list[str], list[int], list[float]]:
+    tokens, types, scores = [], [], []
+    for i, tok in enumerate(SPECIALS):
+        tokens.append(tok)
+        types.append(2 if i == 0 else 3)
+        scores.append(0.0)
+    if not bpe:
+        for b in range(256):
+            tokens.append(f"<0x{b:02X}>")
+            types.append(6)
+            scores.append(0.0)
+    for i, word in enumerate(WORDS + ["▁"] + LETTERS):
+        tokens.append(word if not bpe else word.replace("▁", "Ġ"))
+        types.append(1)
+        scores.append(-float(i) if len(word) > 1 else -100.0 - i)
+    return tokens, types, scores
+
+
+def successors(tokens: list[str]) -> dict[int, int]:
+    index = {t: i for i, t in enumerate(tokens)}
+    space = "Ġ" if "ĠHello" in index else "▁"
+    newline = index.get("<0x0A>", index.get("Ċ"))
+    chain = {f"{space}Hello": f"{space}world", f"{space}world": "!", "!": f"{space}Hello",
+             f"{space}bye": "</s>", "<|im_end|>": "</s>"}
+    succ = {i: (i + 1) % len(tokens) for i in range(len(tokens))}
+    for src, dst in chain.items():
+        succ[index[src]] = index[dst]
+    if newline is not None:
+        succ[newline] = index[f"{space}Hello"]
+    # Never produce <unk>/<s> by accident: the default successor of the last token is " Hello".
+    succ[len(tokens) - 1] = index[f"{space}Hello"]
+    return succ
+
+
+def write_tiny_gguf(path: str | Path, *, bpe: bool = False, chat_template: str | None = CHATML,
+                    dim: int = 64, layers: int = 2, context: int = 256, seed: int = 0) -> Path:
+    import gguf
+
+    path = Path(path)
+    tokens, types, scores = vocabulary(bpe)
+    n_vocab = len(tokens)
+    heads = 4
+    ff = 128
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n_vocab, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    out = np.zeros((n_vocab, dim), dtype=np.float32)
+    for src, dst in successors(tokens).items():
+        out[dst] += emb[src]
+    out *= 4.0  # the final RMS norm scales e_t by sqrt(dim); this keeps greedy margins wide
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-test-llama")
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(dim // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    if bpe:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_merges(["Ġ H", "e l"])
+    else:
+        w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    w.add_tensor("token_embd.weight", emb)
+    w.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
+    w.add_tensor("output.weight", out)
+    zeros = np.zeros
+    for b in range(layers):
+        w.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(dim, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v"):
+            w.add_tensor(f"blk.{b}.{name}.weight", rng.standard_normal((dim, dim)).astype(np.float32) * 0.02)
+        w.add_tensor(f"blk.{b}.attn_output.weight", zeros((dim, dim), dtype=np.float32))
+        w.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(dim, dtype=np.float32))
+        w.add_tensor(f"blk.{b}.ffn_gate.weight", rng.standard_normal((ff, dim)).astype(np.float32) * 0.02)
+        w.add_tensor(f"blk.{b}.ffn_up.weight", rng.standard_normal((ff, dim)).astype(np.float32) * 0.02)
+        w.add_tensor(f"blk.{b}.ffn_down.weight", zeros((dim, ff), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
