@@ -1,10 +1,97 @@
-"""``models`` subcommands."""
+"""``models list | install | remove``: the gallery from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_GALLERY = Path("conf/gallery.yaml")
+
+
+def _models_path(args: argparse.Namespace) -> Path:
+    from localai_aio.config import load_settings
+
+    return Path(load_settings({"models_path": args.models_path, "config_file": args.config_file}).models_path)
+
+
+def _gallery(args: argparse.Namespace):  # noqa: ANN202
+    from localai_aio.gallery.install import load_gallery
+
+    return load_gallery(args.gallery or os.environ.get("LOCALAI_GALLERY") or DEFAULT_GALLERY)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from localai_aio.config import load_model_configs
+    from localai_aio.gallery.install import is_installed
+
+    gallery, models = _gallery(args), _models_path(args)
+    for name, entry in sorted(gallery.entries.items()):
+        mark = "installed" if is_installed(models, entry) else "-"
+        default = " (default)" if name in gallery.defaults else ""
+        print(f"{name:32} {mark:10} {entry.description}{default}")
+    configs, _ = load_model_configs(models)
+    others = sorted(set(configs) - set(gallery.entries))
+    for name in others:
+        print(f"{name:32} {'installed':10} (not from the gallery)")
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from localai_aio.gallery.install import InstallError, install
+
+    gallery, models = _gallery(args), _models_path(args)
+    names = list(args.names) + (list(gallery.defaults) if args.defaults else [])
+    if not names:
+        print("nothing to install: name gallery entries or pass --defaults", file=sys.stderr)
+        return 2
+    for name in dict.fromkeys(names):
+        try:
+            done = install(gallery.get(name), models, find_links=args.find_links or (), force=args.force)
+        except InstallError as exc:
+            print(f"install of {name} failed: {exc} (nothing was written)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"install of {name} interrupted (nothing was written)", file=sys.stderr)
+            return 130
+        print(f"{name}: {'installed' if done else 'already installed'} in {models}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from localai_aio.gallery.install import remove
+
+    models = _models_path(args)
+    status = 0
+    for name in args.names:
+        if remove(name, models):
+            print(f"{name}: removed")
+        else:
+            print(f"{name}: not installed", file=sys.stderr)
+            status = 1
+    return status
 
 
 def add_models_command(sub: argparse._SubParsersAction) -> None:
-    models = sub.add_parser("models", help="List and install models.")
+    models = sub.add_parser("models", help="List, install and remove models from the gallery.")
     models.set_defaults(func=lambda args: models.print_help() or 0)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--models-path", metavar="DIR", default=None,
+                        help="Models directory (env LOCALAI_MODELS_PATH or MODELS_PATH; default: models).")
+    common.add_argument("--config-file", metavar="FILE", default=None, help="Server config file (YAML).")
+    common.add_argument("--gallery", metavar="FILE", default=None,
+                        help=f"Gallery file (env LOCALAI_GALLERY; default: {DEFAULT_GALLERY}).")
+    actions = models.add_subparsers(dest="action")
+    listing = actions.add_parser("list", parents=[common], help="Gallery entries and installed models.")
+    listing.set_defaults(func=_list)
+    inst = actions.add_parser("install", parents=[common], help="Install gallery entries (idempotent).")
+    inst.add_argument("names", nargs="*", metavar="NAME")
+    inst.add_argument("--defaults", action="store_true", help="Also install the gallery's default models.")
+    inst.add_argument("--force", action="store_true", help="Reinstall even when already installed.")
+    inst.add_argument("--find-links", action="append", metavar="DIR",
+                      help="Take PyPI sources only from this folder of wheels (offline installs).")
+    inst.set_defaults(func=_install)
+    rm = actions.add_parser("remove", parents=[common], help="Remove installed models.")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(func=_remove)

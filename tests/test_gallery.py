@@ -1,0 +1,123 @@
+"""Gallery installs from a wheel the test builds, fetched through pip with --find-links (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from localai_aio.config import ServerSettings
+from localai_aio.gallery import install as gallery_install
+from localai_aio.gallery.install import InstallError, install, load_gallery
+
+PAYLOAD = b"part-one:" + bytes(range(256)) * 40 + b":part-two"
+
+
+def build_wheel(folder: Path, name: str = "tiny_model_pkg", version: str = "1.0.0") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    half = len(PAYLOAD) // 2
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"{name}/data/model.bin.part0", PAYLOAD[:half])
+        z.writestr(f"{name}/data/model.bin.part1", PAYLOAD[half:])
+        z.writestr(f"{name}/__init__.py", "")
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    return wheel
+
+
+def write_gallery(path: Path, sha256: str, name: str = "tiny") -> Path:
+    path.write_text(yaml.safe_dump({
+        "defaults": [name],
+        "models": {name: {
+            "description": "a test model",
+            "files": [{"path": "model.bin", "sha256": sha256, "source": {
+                "pypi": "tiny-model-pkg==1.0.0",
+                "parts": ["tiny_model_pkg/data/model.bin.part0", "tiny_model_pkg/data/model.bin.part1"]}}],
+            "config": {"backend": "llama-cpp", "parameters": {"model": "model.bin", "temperature": 0.1},
+                       "aliases": ["gpt-4"]},
+        }},
+    }))
+    return path
+
+
+@pytest.fixture
+def wheels(tmp_path: Path) -> Path:
+    build_wheel(tmp_path / "wheels")
+    return tmp_path / "wheels"
+
+
+def test_install_extracts_joins_checks_and_writes_yaml(tmp_path: Path, wheels: Path) -> None:
+    gallery = load_gallery(write_gallery(tmp_path / "g.yaml", hashlib.sha256(PAYLOAD).hexdigest()))
+    models = tmp_path / "models"
+    assert install(gallery.get("tiny"), models, find_links=[str(wheels)]) is True
+    assert (models / "tiny" / "model.bin").read_bytes() == PAYLOAD
+    config = yaml.safe_load((models / "tiny.yaml").read_text())
+    assert config == {"name": "tiny", "backend": "llama-cpp", "aliases": ["gpt-4"],
+                      "parameters": {"model": "tiny/model.bin", "temperature": 0.1}}
+    assert sorted(p.name for p in models.iterdir()) == ["tiny", "tiny.yaml"]  # no temporary leftovers
+    assert install(gallery.get("tiny"), models, find_links=[str(wheels)]) is False  # idempotent
+
+
+def test_checksum_mismatch_is_refused_and_leaves_nothing(tmp_path: Path, wheels: Path) -> None:
+    gallery = load_gallery(write_gallery(tmp_path / "g.yaml", "0" * 64))
+    models = tmp_path / "models"
+    with pytest.raises(InstallError, match="checksum mismatch for model.bin"):
+        install(gallery.get("tiny"), models, find_links=[str(wheels)])
+    assert list(models.iterdir()) == []
+
+
+def test_interrupted_install_leaves_nothing(tmp_path: Path, wheels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gallery = load_gallery(write_gallery(tmp_path / "g.yaml", hashlib.sha256(PAYLOAD).hexdigest()))
+    models = tmp_path / "models"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gallery_install, "sha256_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        install(gallery.get("tiny"), models, find_links=[str(wheels)])
+    assert list(models.iterdir()) == []
+
+
+def test_missing_package_is_a_clear_error(tmp_path: Path) -> None:
+    gallery = load_gallery(write_gallery(tmp_path / "g.yaml", "0" * 64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InstallError, match="could not download tiny-model-pkg==1.0.0"):
+        install(gallery.get("tiny"), tmp_path / "models", find_links=[str(tmp_path / "empty")])
+
+
+async def test_cli_install_then_served_by_models_list(tmp_path: Path, wheels: Path, make_client) -> None:  # noqa: ANN001
+    gallery = write_gallery(tmp_path / "g.yaml", hashlib.sha256(PAYLOAD).hexdigest())
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "localai_aio", "models", "install", "--defaults", "--gallery", str(gallery),
+           "--models-path", str(models), "--find-links", str(wheels)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "tiny: installed" in done.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "tiny: already installed" in again.stdout
+    listing = subprocess.run([sys.executable, "-m", "localai_aio", "models", "list", "--gallery", str(gallery),
+                              "--models-path", str(models)], capture_output=True, text=True, timeout=60)
+    assert listing.stdout.split()[:2] == ["tiny", "installed"]
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d")))
+    ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert ids == ["tiny", "gpt-4"]
+    removed = subprocess.run([sys.executable, "-m", "localai_aio", "models", "remove", "tiny", "--models-path",
+                              str(models)], capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0 and list(models.iterdir()) == []
+
+
+def test_real_gallery_file_is_consistent() -> None:
+    gallery = load_gallery(Path(__file__).parent.parent / "conf" / "gallery.yaml")
+    assert gallery.defaults and set(gallery.defaults) <= set(gallery.entries)
+    for entry in gallery.entries.values():
+        assert entry.files and all(f.sha256 and len(f.sha256) == 64 for f in entry.files)
+        assert entry.config["parameters"]["model"] in {f.path for f in entry.files}
