@@ -109,3 +109,11 @@ def test_model_configs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     assert "link.yaml" in joined
     assert "model file link.gguf" in joined  # the bare symlink is refused too
     assert len(problems) == 6  # broken, missing file, escape, absolute, symlink yaml, bare symlink
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.flag}" in readme, setting.flag
+        for var in setting.env:
+            assert f"`{var}`" in readme, var

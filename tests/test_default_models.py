@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_MODELS, default_model_configs
 
+from conftest import DEFAULT_MODELS, default_model_configs
 from localai_aio.config import ServerSettings
 
 pytestmark = [pytest.mark.model, pytest.mark.llama]

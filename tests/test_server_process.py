@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from conftest import write_model_yaml
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")

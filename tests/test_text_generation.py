@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_model_yaml
-from tiny_models import write_tiny_gguf
 
+from conftest import write_model_yaml
 from localai_aio.config import ServerSettings
+from tiny_models import write_tiny_gguf
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
