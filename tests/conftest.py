@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -159,3 +160,19 @@ def default_model_configs(*names: str):  # noqa: ANN201
             pytest.skip(f"default model {name!r} is not installed under {DEFAULT_MODELS} "
                         f"(install with: python -m localai_aio models install {name})")
     return configs
+
+
+async def sse_events(resp) -> list:  # noqa: ANN001
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    raw = (await resp.read()).decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = []
+    for block in raw.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    assert events[-1] == "[DONE]"
+    return events[:-1]

@@ -7,12 +7,11 @@ The tiny model answers a ChatML prompt with " Hello world! Hello world! ..." (on
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import write_model_yaml
+from conftest import sse_events, write_model_yaml
 from localai_aio.config import ServerSettings
 from tiny_models import write_tiny_gguf
 
@@ -26,22 +25,6 @@ BOTH = pytest.mark.parametrize("model", [
     pytest.param("tiny-llama", marks=pytest.mark.llama),
     pytest.param("tiny-ct", marks=pytest.mark.ctransformers),
 ])
-
-
-async def sse_events(resp) -> list:  # noqa: ANN001
-    assert resp.status == 200, await resp.text()
-    assert resp.headers["Content-Type"] == "text/event-stream"
-    raw = (await resp.read()).decode()
-    assert raw.endswith("data: [DONE]\n\n")
-    events = []
-    for block in raw.split("\n\n"):
-        if not block:
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    assert events[-1] == "[DONE]"
-    return events[:-1]
 
 
 @BOTH

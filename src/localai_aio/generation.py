@@ -65,6 +65,8 @@ class TextEngine(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
+    def check_grammar(self, grammar: str) -> str | None: ...
+
     def generate(self, prompt: Sequence[int], params: GenParams) -> Iterator[TokenStep]: ...
 
 
@@ -143,10 +145,14 @@ def check_prompt_fits(engine: TextEngine, prompt: Sequence[int]) -> None:
 
 
 def check_capabilities(engine: TextEngine, params: GenParams, backend: str) -> None:
-    if params.grammar is not None and not engine.supports_grammar:
-        raise NotImplementedForModel(
-            f"The '{backend}' backend cannot constrain output (tools, response_format or grammar); "
-            "use a model with `backend: llama-cpp`", param="grammar")
+    if params.grammar is not None:
+        if not engine.supports_grammar:
+            raise NotImplementedForModel(
+                f"The '{backend}' backend cannot constrain output (tools, response_format or grammar); "
+                "use a model with `backend: llama-cpp`", param="grammar")
+        problem = engine.check_grammar(params.grammar)
+        if problem:
+            raise InvalidRequest(f"Invalid grammar: {problem}", param="grammar")
     if params.logprobs is not None and not engine.supports_logprobs:
         raise NotImplementedForModel(f"The '{backend}' backend does not report logprobs", param="logprobs")
 

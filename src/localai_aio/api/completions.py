@@ -7,11 +7,13 @@ from typing import Any
 
 from aiohttp import web
 
+from localai_aio.api.chat import sampling_defaults
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.text import TextJob, serve_text, stream_options
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params
 from localai_aio.prompts import render_completion
+from localai_aio.tools import plan_tools
 
 routes = web.RouteTableDef()
 MAX_LOGPROBS = 5
@@ -47,11 +49,11 @@ class CompletionFormat:
     def first_chunks(self, indexes: Sequence[int]) -> list[dict]:
         return []
 
-    def chunk(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
-        return {"text": text, "index": index, "logprobs": self._logprobs(logprobs), "finish_reason": None}
+    def chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        return [{"text": text, "index": index, "logprobs": self._logprobs(logprobs), "finish_reason": None}]
 
-    def finish_chunk(self, index: int, finish_reason: str) -> dict:
-        return {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason}
+    def finish_chunks(self, index: int, finish_reason: str) -> list[dict]:
+        return [{"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason}]
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -105,7 +107,10 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("'best_of' other than 1 is not supported", param="best_of")
     logprobs = _logprobs(body)
-    params = parse_params(body, cfg.parameters, stopwords=cfg.stopwords, logprobs=logprobs)
+    grammar = plan_tools({"grammar": body.get("grammar"), "response_format": body.get("response_format")},
+                         {}).grammar
+    params = parse_params(body, sampling_defaults(cfg), stopwords=cfg.stopwords, logprobs=logprobs,
+                          grammar=grammar)
 
     echo_texts: list[str] = []
 

@@ -46,9 +46,9 @@ class TextFormat(Protocol):
 
     def first_chunks(self, indexes: Sequence[int]) -> list[dict]: ...
 
-    def chunk(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict: ...
+    def chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]: ...
 
-    def finish_chunk(self, index: int, finish_reason: str) -> dict: ...
+    def finish_chunks(self, index: int, finish_reason: str) -> list[dict]: ...
 
 
 @dataclass
@@ -105,14 +105,17 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
                     for index, text in enumerate(job.prefix_texts):
                         for i in range(job.n):
                             if text:
-                                await stream.send(_with(envelope, fmt.chunk(index * job.n + i, text, None), job))
+                                for chunk in fmt.chunks(index * job.n + i, text, None):
+                                    await stream.send(_with(envelope, chunk, job))
                     async for event in events:
                         if isinstance(event, Piece):
-                            await stream.send(_with(envelope, fmt.chunk(
-                                event.index, event.text, event.logprobs if job.want_logprobs else None), job))
+                            chunks = fmt.chunks(event.index, event.text,
+                                                event.logprobs if job.want_logprobs else None)
                         else:
                             completion_tokens += event.completion_tokens
-                            await stream.send(_with(envelope, fmt.finish_chunk(event.index, event.reason), job))
+                            chunks = fmt.finish_chunks(event.index, event.reason)
+                        for chunk in chunks:
+                            await stream.send(_with(envelope, chunk, job))
                     if job.include_usage:
                         await stream.send({**envelope, "choices": [],
                                            "usage": _usage(prompt_tokens, completion_tokens)})

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,10 @@ if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
 
 log = logging.getLogger(__name__)
+
+# llama.cpp prints grammar parse errors straight to the process's stderr; capturing them means
+# redirecting file descriptor 2 for the moment of the parse, one thread at a time.
+_STDERR_LOCK = threading.Lock()
 
 
 class LlamaCppEngine:
@@ -95,6 +102,26 @@ class LlamaCppEngine:
                 yield _with_logprobs(token, captured.pop(), params.logprobs or 0)
             else:
                 yield TokenStep(token)
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """None when llama.cpp accepts the GBNF grammar, else the parser's message."""
+        import llama_cpp
+
+        with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+            try:
+                sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            printed = sink.read().decode("utf-8", "replace")
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+            return None
+        lines = [line.strip() for line in printed.splitlines() if "error" in line.lower()]
+        return lines[0] if lines else "llama.cpp could not parse the grammar"
 
     def close(self) -> None:
         self.llm.close()
