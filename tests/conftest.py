@@ -106,8 +106,8 @@ class ServerProcess:
         import urllib.request
 
         self.log_path = log_path
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=log_path.open("wb"),
-                                     stderr=subprocess.STDOUT)
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -14,8 +14,6 @@ import pytest
 
 from conftest import write_model_yaml
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
 
 @pytest.fixture
 def process_models(tmp_path: Path, tiny_gguf: Path) -> Path:

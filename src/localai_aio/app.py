@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 
 from localai_aio import __version__, keys
-from localai_aio.api import chat, completions, health, models
+from localai_aio.api import assistants, chat, completions, files, health, models
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
@@ -22,11 +22,12 @@ from localai_aio.errors import error_middleware
 from localai_aio.metrics import Metrics
 from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
+from localai_aio.runtime import run_blocking
 from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions)
+API_MODULES = (health, models, chat, completions, assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -45,6 +46,16 @@ async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.EXECUTOR] = executor
     yield
     executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    from localai_aio.store.sqlite import SQLiteStore
+
+    executor = app[keys.EXECUTOR]
+    store = await run_blocking(executor, SQLiteStore, app[keys.SETTINGS].config_dir)
+    app[keys.STORE] = store
+    yield
+    await run_blocking(executor, store.close)
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -90,6 +101,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app[keys.METRICS] = Metrics()
     app[keys.BACKENDS] = dict(default_backends() if backends is None else backends)
     app.cleanup_ctx.append(_executor_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
     for module in API_MODULES:
         app.router.add_routes(module.routes)

@@ -84,6 +84,14 @@ FIELD_OVERRIDES: dict[str, Any] = {
 # Enum values real clients use that the seed's enums lack.
 EXTRA_ENUM: dict[str, list[str]] = {"openai.ToolType": ["file_search"]}
 
+# Bodies of routes the seed spec lacks, in the spec's own format (they go through the same builder).
+EXTRA_DEFINITIONS: dict[str, Any] = {
+    "localai.AssistantFileRequest": {
+        "type": "object", "required": ["file_id"],
+        "properties": {"file_id": {"type": "string", "description": "A file uploaded to /v1/files"}},
+    },
+}
+
 # Required fields per (method, path); overrides the definition's own ``required``.
 ROUTE_REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", "/v1/chat/completions"): ("messages",),
@@ -107,7 +115,7 @@ def _ref_name(ref: str) -> str:
 
 class _Builder:
     def __init__(self, spec: dict[str, Any]):
-        self.definitions = spec.get("definitions", {})
+        self.definitions = {**spec.get("definitions", {}), **EXTRA_DEFINITIONS}
         self.schemas: dict[str, type[Schema]] = {}
 
     def schema(self, name: str, required: tuple[str, ...] | None = None) -> type[Schema]:

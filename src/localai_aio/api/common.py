@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema
+from marshmallow import Schema
 
 from localai_aio import keys
 from localai_aio.config import ModelConfig
@@ -20,17 +21,19 @@ from localai_aio.schemas import body_schema, route_summary
 Handler = Callable[[web.Request], Any]
 
 
-def json_route(method: str, spec_path: str, tag: str) -> Callable[[Handler], Handler]:
-    """Document a handler with the seed spec's schema for ``spec_path`` and validate its JSON body with it.
+def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Schema] | None = None,
+               summary: str = "") -> Callable[[Handler], Handler]:
+    """Document a handler with the seed spec's schema for ``spec_path`` (or ``schema`` for routes the
+    seed lacks) and validate its JSON body with it.
 
     The validated body is in ``request["data"]`` (apigami's validation middleware puts it there).
     """
-    schema = body_schema(method, spec_path)
+    body = schema or body_schema(method, spec_path)
 
     def wrap(handler: Handler) -> Handler:
         setattr(handler, EXPECTS_JSON, True)
-        handler = request_schema(schema(), location="json")(handler)
-        return docs(tags=[tag], summary=route_summary(method, spec_path))(handler)
+        handler = request_schema(body(), location="json")(handler)
+        return docs(tags=[tag], summary=summary or route_summary(method, spec_path))(handler)
 
     return wrap
 

@@ -1,0 +1,118 @@
+"""/v1/files: upload (multipart), list, retrieve, delete, and content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import BodyPartReader, web
+from aiohttp_apigami import docs
+
+from localai_aio import keys
+from localai_aio.api.assistants import call_store
+from localai_aio.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from localai_aio.runtime import run_blocking
+
+routes = web.RouteTableDef()
+
+PURPOSES = ("assistants", "fine-tune", "batch", "vision", "user_data", "evals")
+MAX_FILENAME = 255
+CHUNK = 1 << 16
+
+
+def _write(path: Path, data: bytes, mode: str) -> None:
+    with path.open(mode) as f:
+        f.write(data)
+
+
+async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | None, str | None]:
+    """Stream a multipart body: text fields in memory, the ``file`` part to a staging file on disk.
+
+    Counts bytes as they arrive, so a body over the upload limit is refused without reading it whole.
+    """
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not '{request.content_type}'")
+    executor = request.app[keys.EXECUTOR]
+    limit = request.app[keys.SETTINGS].upload_limit_bytes
+    store = request.app[keys.STORE]
+    fields: dict[str, str] = {}
+    staged: Path | None = None
+    filename: str | None = None
+    received = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "file" and staged is None:
+                staged = store.staging_path()
+                filename = part.filename or "upload"
+                await run_blocking(executor, _write, staged, b"", "wb")
+                while chunk := await part.read_chunk(CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise PayloadTooLarge(f"The file is larger than the upload limit of "
+                                              f"{request.app[keys.SETTINGS].upload_limit:g} MB")
+                    await run_blocking(executor, _write, staged, chunk, "ab")
+            elif part.name:
+                value = await part.read(decode=True)
+                received += len(value)
+                if received > limit:
+                    raise PayloadTooLarge("The form fields are larger than the upload limit")
+                fields[part.name] = value.decode("utf-8", "replace")
+    except (ValueError, AssertionError) as exc:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+    except BaseException:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        raise
+    return fields, staged, filename
+
+
+@routes.post("/v1/files")
+@docs(tags=["files"], summary="Upload a file (multipart: `file`, `purpose`).",
+      consumes=["multipart/form-data"],
+      parameters=[{"in": "formData", "name": "file", "type": "file", "required": True},
+                  {"in": "formData", "name": "purpose", "type": "string", "required": True, "enum": list(PURPOSES)}])
+async def upload_file(request: web.Request) -> web.Response:
+    fields, staged, filename = await receive_upload(request)
+    try:
+        if staged is None:
+            raise InvalidRequest("'file' is required", param="file")
+        purpose = fields.get("purpose")
+        if purpose not in PURPOSES:
+            raise InvalidRequest(f"'purpose' is required and must be one of {', '.join(PURPOSES)}", param="purpose")
+        name = Path(filename or "upload").name[:MAX_FILENAME] or "upload"  # kept as a label, never a path
+        return web.json_response(await call_store(request, "create_file", staged, filename=name, purpose=purpose))
+    finally:
+        if staged is not None and staged.exists():
+            staged.unlink(missing_ok=True)
+
+
+@routes.get("/v1/files")
+@docs(tags=["files"], summary="List files (optionally by `purpose`).")
+async def list_files(request: web.Request) -> web.Response:
+    data = await call_store(request, "list_files", purpose=request.query.get("purpose"))
+    return web.json_response({"object": "list", "data": data, "has_more": False})
+
+
+@routes.get("/v1/files/{file_id}")
+@docs(tags=["files"], summary="Retrieve a file's metadata.")
+async def get_file(request: web.Request) -> web.Response:
+    return web.json_response(await call_store(request, "get_file", request.match_info["file_id"]))
+
+
+@routes.delete("/v1/files/{file_id}")
+@docs(tags=["files"], summary="Delete a file (and its links to assistants).")
+async def delete_file(request: web.Request) -> web.Response:
+    file_id = request.match_info["file_id"]
+    await call_store(request, "delete_file", file_id)
+    return web.json_response({"id": file_id, "object": "file", "deleted": True})
+
+
+@routes.get("/v1/files/{file_id}/content")
+@docs(tags=["files"], summary="Download a file's bytes.")
+async def file_content(request: web.Request) -> web.FileResponse:
+    path = await call_store(request, "file_path", request.match_info["file_id"])
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

@@ -1,0 +1,1 @@
+"""Persistent state: assistants, files and their links."""

@@ -1,0 +1,69 @@
+"""The persistent store behind assistants and files: a small interface, so that another database
+(PostgreSQL for several replicas) can replace SQLite without touching the routes.
+
+Records are plain dicts in the API's own shapes; the store assigns ids and timestamps. All methods
+are blocking and are called from the thread pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class StoreNotFound(LookupError):
+    """No such object; ``kind`` and ``object_id`` name it."""
+
+    def __init__(self, kind: str, object_id: str):
+        super().__init__(f"No {kind} found with id '{object_id}'")
+        self.kind = kind
+        self.object_id = object_id
+
+
+@dataclass(frozen=True)
+class Page:
+    data: list[dict[str, Any]]
+    has_more: bool
+
+
+class Store(Protocol):
+    # assistants
+    def create_assistant(self, fields: dict[str, Any]) -> dict[str, Any]: ...
+
+    def get_assistant(self, assistant_id: str) -> dict[str, Any]: ...
+
+    def list_assistants(self, *, limit: int, order: str, after: str | None, before: str | None) -> Page: ...
+
+    def update_assistant(self, assistant_id: str, fields: dict[str, Any]) -> dict[str, Any]: ...
+
+    def delete_assistant(self, assistant_id: str) -> None: ...
+
+    # assistant <-> file links
+    def attach_file(self, assistant_id: str, file_id: str) -> dict[str, Any]: ...
+
+    def get_assistant_file(self, assistant_id: str, file_id: str) -> dict[str, Any]: ...
+
+    def list_assistant_files(self, assistant_id: str, *, limit: int, order: str, after: str | None,
+                             before: str | None) -> Page: ...
+
+    def detach_file(self, assistant_id: str, file_id: str) -> None: ...
+
+    # files
+    def staging_path(self) -> Path:
+        """A fresh path, on the store's own disk, for an upload being received."""
+        ...
+
+    def create_file(self, staged: Path, *, filename: str, purpose: str) -> dict[str, Any]:
+        """Take over a fully written ``staged`` upload (moved, never copied) and record it."""
+        ...
+
+    def get_file(self, file_id: str) -> dict[str, Any]: ...
+
+    def list_files(self, *, purpose: str | None) -> list[dict[str, Any]]: ...
+
+    def file_path(self, file_id: str) -> Path: ...
+
+    def delete_file(self, file_id: str) -> None: ...
+
+    def close(self) -> None: ...
