@@ -10,6 +10,7 @@ Both llama-cpp-python and ctransformers load it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,85 @@ def write_tiny_gguf(path: str | Path, *, bpe: bool = False, chat_template: str |
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- ONNX embedding models ---------------------------------------------------------------------------------
+
+EMBED_WORDS = ["the", "cat", "kitten", "car", "dog", "hello", "world", "a", "small", "big"]
+EMBED_VOCAB = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + EMBED_WORDS
+                                 + [chr(c) for c in range(97, 123)]))
+
+
+def write_wordpiece_tokenizer(folder: Path, max_length: int = 16) -> None:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab = {tok: i for i, tok in enumerate(EMBED_VOCAB)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "vocab.txt").write_text("\n".join(EMBED_VOCAB))
+
+
+def write_standin_embedder(folder: str | Path, *, dim: int = 8, max_length: int = 16, normalize: bool = True,
+                           seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A stand-in encoder (onnx.helper): token embedding lookup masked by the attention mask.
+
+    Returns the folder and the embedding table, so tests can compute the exact expected vectors.
+    """
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = np.random.default_rng(seed).standard_normal((len(EMBED_VOCAB), dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"]),
+        helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["mask3"]),
+        helper.make_node("Cast", ["mask3"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["embedded", "maskf"], ["last_hidden_state"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "standin",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", dim])],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1], np.int64), "axis")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, str(folder / "model.onnx"))
+    write_wordpiece_tokenizer(folder, max_length)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": max_length}))
+    if normalize:
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return folder, table
+
+
+def export_tiny_bert(folder: str | Path) -> Path:
+    """A random 2-layer BERT saved with transformers and exported to ONNX by optimum (needs the export extra)."""
+    from optimum.exporters.onnx import main_export
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    source = folder / "source"
+    source.mkdir(parents=True)
+    import torch
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(EMBED_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(source)
+    (source / "vocab.txt").write_text("\n".join(EMBED_VOCAB))
+    BertTokenizerFast(str(source / "vocab.txt"), model_max_length=64).save_pretrained(source)
+    with warnings.catch_warnings():  # the exporters' own deprecation chatter
+        warnings.simplefilter("ignore")
+        main_export(str(source), output=str(folder / "onnx"), task="feature-extraction", device="cpu")
+    return folder

@@ -126,6 +126,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue_size", 16, _positive_int,
             "Requests that may wait for a busy model; more get 503 with Retry-After.",
             ("LOCALAI_QUEUE_SIZE",), "N"),
+    Setting("embeddings_max_inputs", 2048, _positive_int,
+            "Most inputs one embeddings request may carry; more get 400.",
+            ("LOCALAI_EMBEDDINGS_MAX_INPUTS",), "N"),
+    Setting("batch_window_ms", 5.0, _positive_float,
+            "How long concurrent embeddings requests for one model are collected into one run, in ms.",
+            ("LOCALAI_BATCH_WINDOW_MS",), "MS"),
+    Setting("max_batch_size", 64, _positive_int,
+            "Most inputs merged into one embeddings run.", ("LOCALAI_MAX_BATCH_SIZE",), "N"),
     Setting("shutdown_timeout", 30.0, _positive_float,
             "Seconds in-flight requests get to finish after SIGTERM.",
             ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
@@ -154,6 +162,9 @@ class ServerSettings:
     idle_timeout: float = 0.0
     preload_models: tuple[str, ...] = ()
     queue_size: int = 16
+    embeddings_max_inputs: int = 2048
+    batch_window_ms: float = 5.0
+    max_batch_size: int = 64
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

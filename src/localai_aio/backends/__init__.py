@@ -15,6 +15,7 @@ from localai_aio.backends.base import Backend, BackendError
 BACKEND_MODULES: dict[str, tuple[str, str]] = {
     "llama-cpp": ("localai_aio.backends.llama_cpp", "llama"),
     "ctransformers": ("localai_aio.backends.ctransformers", "ctransformers"),
+    "onnx-embeddings": ("localai_aio.backends.onnx_embeddings", "onnx"),
 }
 
 

@@ -42,6 +42,7 @@ class LlamaCppEngine:
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads_for(cfg, settings),
                 n_threads_batch=threads_for(cfg, settings), seed=cfg.seed if cfg.seed is not None else -1,
                 embedding=cfg.embeddings, verbose=False,
+                **({"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if cfg.embeddings else {}),
                 use_mmap=cfg.extra.get("mmap", True) if cfg.extra else True,
             )
         except (ValueError, RuntimeError) as exc:
@@ -102,6 +103,32 @@ class LlamaCppEngine:
                 yield _with_logprobs(token, captured.pop(), params.logprobs or 0)
             else:
                 yield TokenStep(token)
+
+    # -- embeddings (models with `embeddings: true`) -----------------------------------------------------------
+
+    @property
+    def dimensions(self) -> int:
+        return self.llm.n_embd()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
+    @property
+    def max_length(self) -> int:
+        return self.n_ctx
+
+    def embedding_tokens(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenize(t, add_bos=True, special=False)[: self.n_ctx] for t in texts]
+
+    def embed(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Mean-pooled, normalized embeddings, one llama.cpp run per input."""
+        if not self.llm.context_params.embeddings:
+            raise BackendError(f"model {self.name!r} is not configured for embeddings (set `embeddings: true`)")
+        texts = [self.llm.detokenize(list(tokens)).decode("utf-8", "replace") for tokens in token_lists]
+        vectors = np.asarray(self.llm.embed(texts, normalize=False, truncate=True), dtype=np.float32)
+        vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+        return vectors
 
     def check_grammar(self, grammar: str) -> str | None:
         """None when llama.cpp accepts the GBNF grammar, else the parser's message."""

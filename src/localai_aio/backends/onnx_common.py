@@ -1,0 +1,52 @@
+"""ONNX Runtime sessions for every ONNX backend: threads and execution providers from the config.
+
+The CPU ``onnxruntime`` and ``onnxruntime-gpu`` packages install into the same folder (one at a time).
+With onnxruntime-gpu on a machine without CUDA, ``get_available_providers()`` still lists CUDA; the
+session falls back to the CPU, and only ``session.get_providers()`` says what really runs, so that is
+what gets logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from localai_aio.backends.base import BackendError, threads_for
+
+if TYPE_CHECKING:
+    from localai_aio.config import ModelConfig, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def default_providers(available: list[str]) -> list[str]:
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed; install it with: pip install 'localai-aio[onnx]' "
+                           "(or 'localai-aio[onnx-gpu]')") from None
+    available = ort.get_available_providers()
+    wanted = cfg.option("providers") or default_providers(available)
+    if isinstance(wanted, str):
+        wanted = [p.strip() for p in wanted.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in available]
+    if unknown:
+        raise BackendError(f"execution provider(s) {', '.join(unknown)} not available here "
+                           f"(available: {', '.join(available)})")
+    options = ort.SessionOptions()
+    threads = threads_for(cfg, settings)
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        message = " ".join(str(exc).split())[:300].replace(str(path.parent), "<model dir>")
+        raise BackendError(f"ONNX Runtime could not load {path.name}: {message}") from None
+    log.info("model %s: %s on %s (%d threads)", cfg.name, path.name, ", ".join(session.get_providers()), threads)
+    return session

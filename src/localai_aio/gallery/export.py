@@ -1,0 +1,41 @@
+"""Model tooling: export a local transformers / sentence-transformers folder to ONNX with optimum.
+
+Needs the export tool chain (``pip install 'localai-aio[export]'``: CPU torch, transformers < 4.58,
+optimum, optimum-onnx); serving the exported folder needs only onnxruntime and tokenizers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+#: sentence-transformers files that say how to pool and normalize; copied next to the ONNX model.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                               "1_Pooling/config.json")
+
+
+class ExportError(Exception):
+    pass
+
+
+def export_feature_extraction(source: Path, out: Path) -> Path:
+    """``source`` (a transformers folder, optionally sentence-transformers) -> ``out/model.onnx`` + tokenizer."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export]'") from None
+    with warnings.catch_warnings():  # torch's and transformers' deprecation chatter during tracing
+        warnings.simplefilter("ignore")
+        try:
+            main_export(str(source), output=str(out), task="feature-extraction", device="cpu",
+                        library_name="transformers")
+        except Exception as exc:  # optimum raises many kinds; the message is what matters
+            raise ExportError(f"optimum could not export {source.name}: {exc}") from None
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, out / name)
+    if not (out / "model.onnx").is_file():
+        raise ExportError(f"optimum wrote no model.onnx for {source.name}")
+    return out
