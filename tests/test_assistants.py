@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -267,7 +268,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(server_process, models
     for t in writers:
         t.join(15)
     assert len(acknowledged) >= 60
-    with sqlite3.connect(data / "localai.db") as db:
+    with contextlib.closing(sqlite3.connect(data / "localai.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     server = _start(server_process, models_dir, data)
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:

@@ -1,0 +1,117 @@
+"""Embeddings throughput in one run on the default model (all-MiniLM-L6-v2):
+
+- sentence-transformers' ``encode`` in this process (PyTorch, the reference),
+- the server over HTTP with the ``openai`` client, 32 concurrent clients sending one sentence each,
+- the same requests sent one at a time.
+
+    python bench/embeddings.py [--models-path ~/.cache/localai-aio/models] [--threads 2] [--sentences 512]
+
+Targets: concurrent server at least 1.2x sentence-transformers, and at least 3x the one-at-a-time rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+MODEL = "all-minilm-l6-v2"
+WORDS = ("the quick brown fox jumps over a lazy dog while a small cat watches from the warm kitchen window "
+         "and the rain keeps falling on the old city streets").split()
+
+
+def sentences(n: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 12)) + f" {i}." for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def through_server(url: str, texts: list[str], concurrency: int) -> float:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for text in texts:
+        queue.put_nowait(text)
+
+    async def worker() -> None:
+        while not queue.empty():
+            text = queue.get_nowait()
+            result = await client.embeddings.create(model=MODEL, input=text)
+            assert len(result.data[0].embedding) == 384
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return len(texts) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
+                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sentences", type=int, default=512)
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+    source = Path(args.models_path) / MODEL / "source"
+    if not source.is_dir():
+        print(f"{MODEL} is not installed in {args.models_path}: python -m localai_aio models install {MODEL}")
+        return 2
+    texts = sentences(args.sentences)
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    reference = SentenceTransformer(str(source), device="cpu")
+    reference.encode(texts[:32])  # warm up
+    start = time.perf_counter()
+    reference.encode(texts, batch_size=32)
+    st_rate = len(texts) / (time.perf_counter() - start)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
+             args.models_path, "--config-dir", data, "--threads", str(args.threads), "--log-level", "warning",
+             "--preload-models", MODEL, "--queue-size", str(args.clients * 2)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.1)
+            asyncio.run(through_server(url, texts[:32], args.clients))  # warm up
+            concurrent = asyncio.run(through_server(url, texts, args.clients))
+            sequential = asyncio.run(through_server(url, texts[: max(64, args.sentences // 4)], 1))
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(f"model {MODEL}, {args.threads} thread(s), {len(texts)} sentences")
+    print(f"sentence-transformers encode (in-process):  {st_rate:8.1f} sentences/s")
+    print(f"server, {args.clients} concurrent clients:          {concurrent:8.1f} sentences/s")
+    print(f"server, one request at a time:              {sequential:8.1f} sentences/s")
+    print(f"server concurrent / sentence-transformers: {concurrent / st_rate:.2f}x  (target >= 1.2x)")
+    print(f"server concurrent / one at a time:         {concurrent / sequential:.2f}x  (target >= 3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
