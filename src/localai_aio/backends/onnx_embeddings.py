@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
 
 log = logging.getLogger(__name__)
-RUN_BATCH = 32  # texts per ONNX run inside one merged batch
+RUN_BATCH = 16  # texts per ONNX run inside one merged batch
 
 
 def _read_json(path: Path) -> dict[str, Any]:
