@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp_apigami import docs
 
 from localai_aio import keys
@@ -59,7 +60,7 @@ async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | N
                 if received > limit:
                     raise PayloadTooLarge("The form fields are larger than the upload limit")
                 fields[part.name] = value.decode("utf-8", "replace")
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
         if staged is not None:
             staged.unlink(missing_ok=True)
         raise InvalidRequest(f"The multipart body is malformed: {exc}") from None

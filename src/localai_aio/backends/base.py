@@ -30,6 +30,15 @@ class Engine(Protocol):
 Backend = Callable[["ModelConfig", "ServerSettings"], Any]
 
 
+def scrub(message: object, path: Path) -> str:
+    """An engine's error message without filesystem paths (clients see it; the layout is not theirs)."""
+    text = " ".join(str(message).split())
+    for full in sorted({str(path), str(path.resolve()), str(path.parent), str(path.resolve().parent)},
+                       key=len, reverse=True):
+        text = text.replace(full, path.name if full.endswith(path.name) else "<models>")
+    return text[:300]
+
+
 def threads_for(cfg: ModelConfig, settings: ServerSettings) -> int:
     return int(cfg.threads or settings.threads or 1)
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from localai_aio.backends.base import BackendError, context_size_for, require_file, threads_for
+from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.generation import GenParams, TokenStep
 
@@ -51,7 +51,7 @@ class CTransformersEngine:
                 str(path), model_type="llama", lib=cfg.extra.get("lib", "avx2"),
                 context_length=self.n_ctx, threads=self.threads)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise BackendError(f"ctransformers could not load the file: {exc}") from None
+            raise BackendError(f"ctransformers could not load the file: {scrub(exc, path)}") from None
         self._eos = self.llm.eos_token_id
         self.n_vocab = len(self.info.tokens)
         self._pieces: dict[int, bytes] = {}

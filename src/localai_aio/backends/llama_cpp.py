@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, context_size_for, require_file, threads_for
+from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.generation import GenParams, TokenStep
 
@@ -46,7 +46,7 @@ class LlamaCppEngine:
                 use_mmap=cfg.extra.get("mmap", True) if cfg.extra else True,
             )
         except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"llama.cpp could not load the file: {exc}") from None
+            raise BackendError(f"llama.cpp could not load the file: {scrub(exc, path)}") from None
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
         self._eog = {t for t in (self.llm.token_eos(), self.info.eos_id) if t is not None and t >= 0}

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localai_aio.backends.base import BackendError, threads_for
+from localai_aio.backends.base import BackendError, scrub, threads_for
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
@@ -49,7 +49,6 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings) -> Any:
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        message = " ".join(str(exc).split())[:300].replace(str(path.parent), "<model dir>")
-        raise BackendError(f"ONNX Runtime could not load {path.name}: {message}") from None
+        raise BackendError(f"ONNX Runtime could not load {path.name}: {scrub(exc, path)}") from None
     log.info("model %s: %s on %s (%d threads)", cfg.name, path.name, ", ".join(session.get_providers()), threads)
     return session
