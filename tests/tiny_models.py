@@ -205,3 +205,57 @@ def export_tiny_bert(folder: str | Path) -> Path:
         warnings.simplefilter("ignore")
         main_export(str(source), output=str(folder / "onnx"), task="feature-extraction", device="cpu")
     return folder
+
+
+# -- a stand-in Piper voice --------------------------------------------------------------------------------
+
+STANDIN_SAMPLES_PER_PHONEME = 256
+
+
+def write_standin_piper(path: str | Path, *, speakers: tuple[str, ...] = (), rate: int = 22050) -> Path:
+    """A graph with Piper's inputs and outputs (onnx.helper): a tone whose length is
+    ``phoneme ids x 256 x length_scale`` samples and whose pitch depends on the speaker."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    const = {"per": np.array([float(STANDIN_SAMPLES_PER_PHONEME)], np.float32), "one": np.array(1, np.int64),
+             "zero_f": np.array(0.0, np.float32), "step": np.array(1.0, np.float32),
+             "freq": np.array(0.05, np.float32), "shape": np.array([1, 1, 1, -1], np.int64),
+             "amp": np.array(0.5, np.float32), "pitch_step": np.array(0.02, np.float32)}
+    nodes = [
+        helper.make_node("Cast", ["input_lengths"], ["len_f"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["scales", "one"], ["length_scale"]),
+        helper.make_node("Mul", ["len_f", "per"], ["samples_f"]),
+        helper.make_node("Mul", ["samples_f", "length_scale"], ["limit_v"]),
+        helper.make_node("ReduceSum", ["limit_v"], ["limit"], keepdims=0),
+        helper.make_node("Range", ["zero_f", "limit", "step"], ["t"]),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.INT64, [1, "phonemes"]),
+              helper.make_tensor_value_info("input_lengths", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("scales", TensorProto.FLOAT, [3])]
+    if speakers:
+        inputs.append(helper.make_tensor_value_info("sid", TensorProto.INT64, [1]))
+        nodes += [helper.make_node("Cast", ["sid"], ["sid_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["sid_f", "pitch_step"], ["extra"]),
+                  helper.make_node("Add", ["extra", "freq"], ["pitch"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["freq"], ["pitch"]))
+    nodes += [helper.make_node("Mul", ["t", "pitch"], ["phase"]),
+              helper.make_node("Sin", ["phase"], ["wave"]),
+              helper.make_node("Mul", ["wave", "amp"], ["audio"]),
+              helper.make_node("Reshape", ["audio", "shape"], ["output"])]
+    graph = helper.make_graph(nodes, "piper-standin", inputs,
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 1, "samples"])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in const.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    symbols = ["_", "^", "$", " "] + [chr(c) for c in range(33, 127)] + [chr(c) for c in range(0xA0, 0x370)]
+    config = {"audio": {"sample_rate": rate}, "espeak": {"voice": "en-us"},
+              "inference": {"noise_scale": 0.667, "length_scale": 1, "noise_w": 0.8}, "phoneme_type": "espeak",
+              "phoneme_id_map": {s: [i] for i, s in enumerate(dict.fromkeys(symbols))}, "num_symbols": len(symbols),
+              "num_speakers": max(1, len(speakers)), "speaker_id_map": {s: i for i, s in enumerate(speakers)}}
+    path.with_name(path.name + ".json").write_text(json.dumps(config))
+    return path

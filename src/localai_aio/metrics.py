@@ -22,5 +22,8 @@ class Metrics:
         self.tokens = Counter("localai_generated_tokens", "Tokens generated per model", ["model"],
                               registry=self.registry)
 
+        self.tts_sentences = Counter("localai_tts_sentences", "Sentences synthesized and sent, per model", ["model"],
+                                     registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,8 @@ before pulling the next item, so generation stops within one token and the engin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import threading
@@ -19,6 +21,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _DONE = object()
+
+
+class _Abandoned(Exception):
+    """The consumer left while the worker waited to hand over an item."""
 
 
 async def run_blocking(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -52,7 +58,19 @@ async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[Canc
     flag = CancelFlag()
 
     def put(item: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        if not maxsize:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+            return
+        # Bounded: the worker waits for room (backpressure), but gives up once the consumer is gone.
+        pending = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        while True:
+            try:
+                pending.result(timeout=0.05)
+                return
+            except concurrent.futures.TimeoutError:
+                if flag.is_set():
+                    pending.cancel()
+                    raise _Abandoned from None
 
     def work() -> None:
         try:
@@ -68,10 +86,14 @@ async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[Canc
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
+        except _Abandoned:
+            return
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            put((False, exc))
+            with contextlib.suppress(_Abandoned):
+                put((False, exc))
         else:
-            put((True, _DONE))
+            with contextlib.suppress(_Abandoned):
+                put((True, _DONE))
 
     ctx = contextvars.copy_context()
     future = loop.run_in_executor(executor, ctx.run, work)

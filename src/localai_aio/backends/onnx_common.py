@@ -24,7 +24,7 @@ def default_providers(available: list[str]) -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings) -> Any:
+def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spinning: bool = False) -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -43,9 +43,12 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # ORT's worker threads spin while idle by default; in a server the event loop and other models need
-    # those cores between runs, so idle workers sleep instead (YAML `spinning: true` restores spinning).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.option("spinning") else "0")
+    # ORT's worker threads spin while idle by default. For short runs that many requests share (embeddings)
+    # the event loop and other models need those cores, so idle workers sleep; long chains of small ops
+    # (a VITS voice) lose more to waking threads, so those backends keep spinning. YAML `spinning` decides.
+    spin = cfg.option("spinning")
+    spin = spinning if spin is None else bool(spin)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files

@@ -1,0 +1,185 @@
+"""Text to speech on a stand-in Piper graph (same inputs and outputs) and on the real default voice."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEFAULT_MODELS, default_model_configs, write_model_yaml
+from localai_aio.config import ServerSettings
+from tiny_models import STANDIN_SAMPLES_PER_PHONEME, write_standin_piper
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("piper") is None or
+                                importlib.util.find_spec("soundfile") is None, reason="the tts extra is not installed")
+SPEECH = "/v1/audio/speech"
+TEXT = "Hello there. How are you today? I am fine, thank you."
+
+
+@pytest.fixture
+async def tts(make_client, tmp_path: Path):  # noqa: ANN001
+    models = tmp_path / "models"
+    write_standin_piper(models / "voice.onnx")
+    write_standin_piper(models / "multi.onnx", speakers=("amy", "bob"))
+    write_model_yaml(models, "voice", backend="piper", parameters={"model": "voice.onnx"}, aliases=["tts-1"],
+                     voices={"alloy": "default", "echo": 0})
+    write_model_yaml(models, "multi", backend="piper", parameters={"model": "multi.onnx"})
+    (models / "t.gguf").write_bytes(b"GGUF")
+    write_model_yaml(models, "chat", backend="llama-cpp", parameters={"model": "t.gguf"})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    return client, models
+
+
+def expected_samples(models: Path, text: str, length_scale: float = 1.0) -> int:
+    """What Piper's own phonemization implies for the stand-in graph: 256 samples per phoneme id."""
+    import json
+
+    from piper.config import PiperConfig
+    from piper.voice import PiperVoice
+
+    config = PiperConfig.from_dict(json.loads((models / "voice.onnx.json").read_text()))
+    voice = PiperVoice(session=None, config=config)
+    ids = [len(voice.phonemes_to_ids(p)) for p in voice.phonemize(text)]
+    return sum(int(n * STANDIN_SAMPLES_PER_PHONEME * length_scale) for n in ids)
+
+
+def decode(data: bytes, fmt: str, rate: int = 22050) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    if fmt == "pcm":
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767, rate
+    audio, sr = soundfile.read(io.BytesIO(data))
+    return audio, sr
+
+
+@pytest.mark.parametrize(("fmt", "content_type", "rate"), [
+    ("wav", "audio/wav", 22050), ("pcm", "audio/pcm", 22050), ("flac", "audio/flac", 22050),
+    ("mp3", "audio/mpeg", 22050), ("opus", "audio/ogg", 24000)])
+async def test_every_format_decodes(tts, fmt: str, content_type: str, rate: int) -> None:  # noqa: ANN001
+    client, models = tts
+    resp = await client.post(SPEECH, json={"model": "voice", "input": TEXT, "voice": "alloy", "response_format": fmt})
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"] == content_type
+    assert resp.headers.get("Transfer-Encoding") == "chunked"
+    audio, sr = decode(await resp.read(), fmt)
+    assert sr == rate
+    assert audio.ndim == 1  # mono
+    seconds = expected_samples(models, TEXT) / 22050
+    tolerance = 0.15 if fmt in ("mp3", "opus") else 1 / 22050  # codec padding
+    assert abs(len(audio) / sr - seconds) <= tolerance, (len(audio) / sr, seconds)
+    assert 0.3 < np.abs(audio).max() <= (1.0 if fmt in ("wav", "pcm", "flac") else 1.2)  # lossy codecs overshoot
+
+
+async def test_default_format_is_mp3_and_speed_changes_length(tts) -> None:  # noqa: ANN001
+    client, models = tts
+    resp = await client.post(SPEECH, json={"model": "tts-1", "input": TEXT, "voice": "echo"})
+    assert resp.headers["Content-Type"] == "audio/mpeg"
+    for speed in (0.5, 2.0):
+        resp = await client.post(SPEECH, json={"model": "voice", "input": TEXT, "voice": "alloy", "speed": speed,
+                                               "response_format": "pcm"})
+        audio, _ = decode(await resp.read(), "pcm")
+        assert len(audio) == expected_samples(models, TEXT, 1 / speed)
+
+
+async def test_voices_select_speakers(tts) -> None:  # noqa: ANN001
+    client, _ = tts
+
+    async def pcm(voice: str) -> bytes:
+        resp = await client.post(SPEECH, json={"model": "multi", "input": "Hi.", "voice": voice,
+                                               "response_format": "pcm"})
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+    amy, bob = await pcm("amy"), await pcm("bob")
+    assert amy != bob and len(amy) == len(bob)
+    assert await pcm("1") == bob and await pcm("0") == amy
+    # A voice naming another configured voice model uses that model.
+    via_voice = await client.post(SPEECH, json={"model": "multi", "input": "Hi.", "voice": "voice",
+                                                "response_format": "pcm"})
+    direct = await client.post(SPEECH, json={"model": "voice", "input": "Hi.", "response_format": "pcm"})
+    assert via_voice.status == 200 and await via_voice.read() == await direct.read()
+
+
+@pytest.mark.parametrize(("body", "param", "status", "fragment"), [
+    ({"model": "voice", "input": ""}, "input", 400, "must not be empty"),
+    ({"model": "voice", "input": "x" * 4097}, "input", 400, "at most 4096"),
+    ({"model": "voice", "input": "hi", "voice": "zeus"}, "voice", 400, "alloy, echo, voice"),
+    ({"model": "multi", "input": "hi", "voice": "carl"}, "voice", 400, "amy, bob, multi"),
+    ({"model": "voice", "input": "hi", "response_format": "aac"}, "response_format", 400, "supported"),
+    ({"model": "voice", "input": "hi", "speed": 0.1}, "speed", 400, "0.25 to 4.0"),
+    ({"model": "voice", "input": "hi", "speed": 5}, "speed", 400, "0.25 to 4.0"),
+    ({"model": "voice", "input": "hi", "speed": "fast"}, "speed", 400, "number"),
+    ({"model": "nope", "input": "hi"}, "model", 404, "does not exist"),
+    ({"model": "chat", "input": "hi"}, "model", 400, "does not make speech"),
+])
+async def test_errors(tts, body: dict, param: str, status: int, fragment: str) -> None:  # noqa: ANN001
+    client, _ = tts
+    resp = await client.post(SPEECH, json=body)
+    assert resp.status == status, await resp.text()
+    err = (await resp.json())["error"]
+    assert err["param"] == param and fragment in err["message"], err
+
+
+async def test_elevenlabs_shape_and_resampling(tts) -> None:  # noqa: ANN001
+    client, models = tts
+    resp = await client.post("/v1/text-to-speech/alloy", params={"output_format": "pcm_16000"},
+                             json={"text": TEXT, "model_id": "voice", "voice_settings": {"stability": 0.5}})
+    assert resp.status == 200, await resp.text()
+    audio, _ = decode(await resp.read(), "pcm")
+    assert abs(len(audio) - expected_samples(models, TEXT) * 16000 / 22050) <= 2 * 3  # one rounding per sentence
+    resp = await client.post("/v1/text-to-speech/amy", params={"output_format": "mp3_44100_128"},
+                             json={"text": "Hi.", "model_id": "multi"})
+    audio, sr = decode(await resp.read(), "mp3")
+    assert sr == 44100 and resp.headers["Content-Type"] == "audio/mpeg"
+    resp = await client.post("/v1/text-to-speech/alloy", params={"output_format": "ogg_1"}, json={"text": "Hi."})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "output_format"
+
+
+async def test_localai_tts_route(tts) -> None:  # noqa: ANN001
+    client, models = tts
+    resp = await client.post("/tts", json={"model": "voice", "input": TEXT})
+    assert resp.headers["Content-Type"] == "audio/wav"
+    audio, sr = decode(await resp.read(), "wav")
+    assert sr == 22050 and len(audio) == expected_samples(models, TEXT)
+
+
+async def test_streams_and_stops_when_the_client_leaves(tts, caplog) -> None:  # noqa: ANN001
+    client, _ = tts
+    text = " ".join(f"This is sentence number {i} of a long text." for i in range(300))[:4096]
+    sentences = text.count(".")
+    with caplog.at_level(logging.INFO, logger="localai_aio.api.speech"):
+        resp = await client.post(SPEECH, json={"model": "voice", "input": text, "speed": 0.25,
+                                               "response_format": "pcm"})
+        first = await resp.content.readany()
+        assert first  # audio arrives while the text is still being synthesized
+        resp.close()  # the client leaves
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if "client left during speech" in caplog.text:
+                break
+    metrics = await (await client.get("/metrics")).text()
+    done = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith('localai_tts_sentences_total{model="voice"}'))
+    assert 1 <= done < sentences
+    assert "client left during speech from voice" in caplog.text
+
+
+@pytest.mark.model
+async def test_default_voice_says_hello(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    configs = default_model_configs("en-us-joe-medium")
+    client = await make_client(ServerSettings(models_path=str(DEFAULT_MODELS), config_dir=str(tmp_path / "d")),
+                               model_configs=configs)
+    resp = await client.post(SPEECH, json={"model": "tts-1", "input": "Hello from the local server",
+                                           "voice": "alloy", "response_format": "wav"})
+    assert resp.status == 200
+    audio, sr = decode(await resp.read(), "wav")
+    assert sr == 22050 and audio.ndim == 1
+    assert 0.8 <= len(audio) / sr <= 3.0
+    assert np.abs(audio).max() > 0.1
+    if "whisper-base" not in configs:
+        return  # transcribing it back needs the default Whisper model, which is not in the gallery yet
