@@ -259,3 +259,59 @@ def write_standin_piper(path: str | Path, *, speakers: tuple[str, ...] = (), rat
               "num_speakers": max(1, len(speakers)), "speaker_id_map": {s: i for i, s in enumerate(speakers)}}
     path.with_name(path.name + ".json").write_text(json.dumps(config))
     return path
+
+
+# -- a tiny Stable Diffusion pipeline ----------------------------------------------------------------------
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """A CLIP-format BPE tokenizer: the 256 byte characters, the same with </w>, a few merges."""
+    import json
+
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def export_tiny_stable_diffusion(folder: str | Path) -> Path:
+    """A random Stable Diffusion pipeline built from small configs and exported by optimum (text-to-image)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from optimum.exporters.onnx import main_export
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    source = folder / "source"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=2, vocab_size=1000, bos_token_id=0, eos_token_id=2,
+                                                pad_token_id=1, max_position_embeddings=77, projection_dim=32))
+    write_clip_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                              model_max_length=77)
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(source), output=str(folder / "onnx"), task="text-to-image", device="cpu")
+    return folder / "onnx"

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 
 from localai_aio import __version__, keys
-from localai_aio.api import assistants, chat, completions, embeddings, files, health, models, speech
+from localai_aio.api import assistants, chat, completions, embeddings, files, health, images, models, speech
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
@@ -27,7 +27,7 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, embeddings, speech, assistants, files)
+API_MODULES = (health, models, chat, completions, embeddings, speech, images, assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -65,8 +65,9 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.REGISTRY] = reg
     watchdog = asyncio.create_task(reg.watchdog()) if settings.idle_timeout else None
     preload = asyncio.create_task(_preload(reg, settings.preload_models))
+    cleanup = asyncio.create_task(images.cleanup_loop(app))
     yield
-    for task in (watchdog, preload):
+    for task in (watchdog, preload, cleanup):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

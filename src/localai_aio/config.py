@@ -134,6 +134,12 @@ SETTINGS: tuple[Setting, ...] = (
             ("LOCALAI_BATCH_WINDOW_MS",), "MS"),
     Setting("max_batch_size", 64, _positive_int,
             "Most inputs merged into one embeddings run.", ("LOCALAI_MAX_BATCH_SIZE",), "N"),
+    Setting("image_max_size", 1024, _positive_int,
+            "Largest image width or height accepted by /v1/images/generations, in pixels.",
+            ("LOCALAI_IMAGE_MAX_SIZE",), "PIXELS"),
+    Setting("generated_max_age", 3600.0, _positive_float,
+            "Generated images are deleted once older than this many seconds.",
+            ("LOCALAI_GENERATED_MAX_AGE",), "SECONDS"),
     Setting("shutdown_timeout", 30.0, _positive_float,
             "Seconds in-flight requests get to finish after SIGTERM.",
             ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
@@ -165,6 +171,8 @@ class ServerSettings:
     embeddings_max_inputs: int = 2048
     batch_window_ms: float = 5.0
     max_batch_size: int = 64
+    image_max_size: int = 1024
+    generated_max_age: float = 3600.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

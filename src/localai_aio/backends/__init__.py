@@ -17,6 +17,7 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
     "ctransformers": ("localai_aio.backends.ctransformers", "ctransformers"),
     "onnx-embeddings": ("localai_aio.backends.onnx_embeddings", "onnx"),
     "piper": ("localai_aio.backends.piper_tts", "tts"),
+    "onnx-diffusion": ("localai_aio.backends.onnx_diffusion", "diffusion"),
 }
 
 

@@ -1,0 +1,158 @@
+"""POST /v1/images/generations and the generated images it links to (GET /generated-images/<id>.png).
+
+Images are stored under ``<config dir>/generated-images/`` with names the server makes (32 hex digits)
+and removed once older than ``--generated-max-age``. Generation runs off the event loop and stops
+between denoising steps when the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs
+
+from localai_aio import keys
+from localai_aio.api.common import json_route, now, registry, resolve_model
+from localai_aio.errors import InvalidRequest, NotFound, NotImplementedForModel
+from localai_aio.runtime import CancelFlag, run_blocking
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_IMAGES = 10
+
+
+def images_dir(app: web.Application) -> Path:
+    return Path(app[keys.SETTINGS].config_dir) / "generated-images"
+
+
+def _save(folder: Path, data: bytes) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = secrets.token_hex(16) + ".png"
+    staged = folder / f".{name}.tmp"
+    staged.write_bytes(data)
+    os.replace(staged, folder / name)
+    return name
+
+
+def remove_old_images(folder: Path, max_age: float, now_: float | None = None) -> int:
+    """Delete generated images older than ``max_age`` seconds; returns how many."""
+    if not folder.is_dir():
+        return 0
+    cutoff = (now_ or time.time()) - max_age
+    removed = 0
+    for path in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+async def cleanup_loop(app: web.Application) -> None:
+    settings = app[keys.SETTINGS]
+    while True:
+        await asyncio.sleep(max(1.0, min(settings.generated_max_age / 4, 300)))
+        try:
+            removed = await run_blocking(app[keys.EXECUTOR], remove_old_images, images_dir(app),
+                                         settings.generated_max_age)
+            if removed:
+                log.info("removed %d generated image(s) older than %g s", removed, settings.generated_max_age)
+        except OSError:
+            log.exception("cleaning generated images failed")
+
+
+def _int(body: dict[str, Any], key: str, lo: int, hi: int | None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise InvalidRequest(f"Invalid value for '{key}': must be an integer {bound}", param=key)
+    return value
+
+
+def parse_size(value: Any, default: str, limit: int) -> tuple[int, int]:
+    text = value if value is not None else default
+    match = SIZE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise InvalidRequest("Invalid value for 'size': expected WIDTHxHEIGHT, e.g. 512x512", param="size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 8 or height % 8 or not 8 <= width <= limit or not 8 <= height <= limit:
+        raise InvalidRequest(f"Invalid value for 'size': {text}; width and height must be multiples of 8 from 8 "
+                             f"to {limit}", param="size")
+    return width, height
+
+
+@routes.post("/v1/images/generations")
+@json_route("post", "/v1/images/generations", "images")
+async def generate_images(request: web.Request) -> web.Response:
+    body = request["data"]
+    cfg = resolve_model(request, body.get("model"), "image")
+    if "image" not in registry(request).usecases(cfg):
+        raise NotImplementedForModel(f"Model '{cfg.name}' does not generate images", param="model")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("'prompt' is required and must be a non-empty string", param="prompt")
+    negative = body.get("negative_prompt")
+    n = _int(body, "n", 1, MAX_IMAGES) or 1
+    steps = _int(body, "step", 1, 150)
+    seed = _int(body, "seed", 0, 2**63 - 1)
+    clip_skip = _int(body, "clip_skip", 0, 12)
+    _int(body, "mode", 0, None)  # LocalAI's image mode: accepted; text-to-image is the only mode here
+    response_format = body.get("response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        raise InvalidRequest("Invalid value for 'response_format': must be 'url' or 'b64_json'",
+                             param="response_format")
+    settings = request.app[keys.SETTINGS]
+    default_size = str(cfg.option("size") or "512x512")
+    width, height = parse_size(body.get("size"), default_size, settings.image_max_size)
+    executor = request.app[keys.EXECUTOR]
+    started = time.perf_counter()
+    async with request.app[keys.REGISTRY].acquire(cfg.name) as engine:
+        cancel = CancelFlag()
+        job = asyncio.ensure_future(run_blocking(
+            executor, engine.generate, prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
+            steps=steps, seed=seed, clip_skip=clip_skip, cancel=cancel))
+        try:
+            pngs = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancel.set()  # the client left: stop at the next step, and free the engine only then
+            from localai_aio.backends.onnx_diffusion import Cancelled
+
+            with contextlib.suppress(Cancelled):
+                await job
+            log.info("client left; image generation on %s stopped", cfg.name)
+            raise
+        finally:
+            request.app[keys.METRICS].inference.labels(cfg.name, "image").observe(time.perf_counter() - started)
+    if response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
+    else:
+        folder = images_dir(request.app)
+        names = [await run_blocking(executor, _save, folder, png) for png in pngs]
+        base = f"{request.scheme}://{request.host}"
+        data = [{"url": f"{base}/generated-images/{name}"} for name in names]
+    return web.json_response({"created": now(), "data": data})
+
+
+@routes.get("/generated-images/{name}")
+@docs(tags=["images"], summary="A generated image (PNG), as linked from /v1/images/generations.")
+async def generated_image(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    path = images_dir(request.app) / name
+    if not IMAGE_NAME.match(name) or not await run_blocking(request.app[keys.EXECUTOR], path.is_file):
+        raise NotFound(f"No generated image named '{name}'")
+    return web.FileResponse(path, headers={"Content-Type": "image/png"})
