@@ -181,5 +181,4 @@ async def test_default_voice_says_hello(make_client, tmp_path: Path) -> None:  #
     assert sr == 22050 and audio.ndim == 1
     assert 0.8 <= len(audio) / sr <= 3.0
     assert np.abs(audio).max() > 0.1
-    if "whisper-base" not in configs:
-        return  # transcribing it back needs the default Whisper model, which is not in the gallery yet
+    # Transcribing it back with the default Whisper: tests/test_transcription.py::test_tts_round_trip

@@ -315,3 +315,70 @@ def export_tiny_stable_diffusion(folder: str | Path) -> Path:
         warnings.simplefilter("ignore")
         main_export(str(source), output=str(folder / "onnx"), task="text-to-image", device="cpu")
     return folder / "onnx"
+
+
+# -- a tiny Whisper ----------------------------------------------------------------------------------------
+
+def whisper_tokenizer(languages: int = 99):  # noqa: ANN201
+    """A byte-level tokenizer with Whisper's special tokens at Whisper's ids (multilingual layout)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for word in ("Ġhello", "Ġworld", "Ġthe", "Ġdog"):
+        vocab[word] = len(vocab)
+    while len(vocab) < 50257:
+        vocab[f"Ġw{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{c}|>" for c in list(LANGUAGES)[:languages]]
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                   "<|notimestamps|>"])
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False) for i in range(1501)])
+    return tok
+
+
+def save_tiny_whisper(folder: Path) -> Path:
+    """A random 1-layer Whisper (d_model 32) with the tokenizer above, saved as a transformers folder."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    eot = "<|endoftext|>"
+    WhisperTokenizerFast(tokenizer_object=whisper_tokenizer(), bos_token=eot, eos_token=eot, unk_token=eot,
+                         pad_token=eot).save_pretrained(folder)
+    config = WhisperConfig(vocab_size=51865, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
+                           decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257, max_length=448,
+        no_timestamps_token_id=50363, is_multilingual=True,
+        lang_to_id={f"<|{c}|>": 50259 + i for i, c in enumerate(list(LANGUAGES)[:99])},
+        task_to_id={"translate": 50358, "transcribe": 50359}, suppress_tokens=[1, 2, 7],
+        begin_suppress_tokens=[220, 50257])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+def export_tiny_whisper(folder: str | Path) -> Path:
+    """The tiny Whisper exported by the project's own exporter (encoder, decoder, decoder with past)."""
+    from localai_aio.gallery.export import export_whisper
+
+    folder = Path(folder)
+    source = save_tiny_whisper(folder / "source")
+    return export_whisper(source, folder / "onnx")

@@ -14,7 +14,18 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 
 from localai_aio import __version__, keys
-from localai_aio.api import assistants, chat, completions, embeddings, files, health, images, models, speech
+from localai_aio.api import (
+    assistants,
+    chat,
+    completions,
+    embeddings,
+    files,
+    health,
+    images,
+    models,
+    speech,
+    transcription,
+)
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
@@ -27,7 +38,7 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, embeddings, speech, images, assistants, files)
+API_MODULES = (health, models, chat, completions, embeddings, speech, transcription, images, assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:

@@ -145,3 +145,24 @@ class StreamEncoder:
             self._started = True
             return wav_header(self.rate)
         return b""
+
+
+# -- audio in ---------------------------------------------------------------------------------------------
+
+class UnreadableAudio(ValueError):
+    pass
+
+
+def decode_audio(data: bytes, rate: int = 16000) -> np.ndarray:
+    """Any format libsndfile reads (wav, flac, ogg/opus, mp3, ...), any rate and channel count ->
+    float32 mono at ``rate`` (channels averaged, resampled with soxr)."""
+    import soundfile
+
+    if not data:
+        return np.zeros(0, np.float32)
+    try:
+        samples, source_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise UnreadableAudio(f"the file is not audio in a supported format (wav, flac, ogg, opus, mp3): "
+                              f"{' '.join(str(exc).split())[:120]}") from None
+    return resample(samples.mean(axis=1), int(source_rate), rate)

@@ -18,6 +18,7 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
     "onnx-embeddings": ("localai_aio.backends.onnx_embeddings", "onnx"),
     "piper": ("localai_aio.backends.piper_tts", "tts"),
     "onnx-diffusion": ("localai_aio.backends.onnx_diffusion", "diffusion"),
+    "onnx-whisper": ("localai_aio.backends.onnx_whisper", "stt"),
 }
 
 

@@ -39,3 +39,24 @@ def export_feature_extraction(source: Path, out: Path) -> Path:
     if not (out / "model.onnx").is_file():
         raise ExportError(f"optimum wrote no model.onnx for {source.name}")
     return out
+
+
+def export_whisper(source: Path, out: Path) -> Path:
+    """A transformers Whisper folder -> encoder, decoder and decoder-with-past ONNX models + tokenizer."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export]'") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            main_export(str(source), output=str(out), task="automatic-speech-recognition-with-past", device="cpu")
+        except Exception as exc:  # optimum raises many kinds
+            raise ExportError(f"optimum could not export {source.name}: {exc}") from None
+    merged = out / "decoder_model_merged.onnx"
+    if merged.is_file():
+        merged.unlink()  # the separate decoders are what the server runs
+    for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
+        if not (out / name).is_file():
+            raise ExportError(f"optimum wrote no {name} for {source.name}")
+    return out

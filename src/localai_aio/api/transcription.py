@@ -1,0 +1,147 @@
+"""POST /v1/audio/transcriptions and /v1/audio/translations (multipart), in OpenAI's response formats."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp_apigami import docs
+
+from localai_aio import keys
+from localai_aio.api.common import registry, resolve_model
+from localai_aio.audio import UnreadableAudio, decode_audio
+from localai_aio.errors import InvalidRequest, NotImplementedForModel, PayloadTooLarge, UnsupportedMediaType
+from localai_aio.runtime import CancelFlag, run_blocking
+
+routes = web.RouteTableDef()
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+FORM_FIELDS = [{"in": "formData", "name": "file", "type": "file", "required": True},
+               {"in": "formData", "name": "model", "type": "string", "required": True},
+               {"in": "formData", "name": "language", "type": "string"},
+               {"in": "formData", "name": "prompt", "type": "string"},
+               {"in": "formData", "name": "temperature", "type": "number"},
+               {"in": "formData", "name": "response_format", "type": "string", "enum": list(FORMATS)}]
+
+
+async def read_form(request: web.Request) -> tuple[dict[str, list[str]], bytes | None]:
+    """Text fields and the ``file`` part's bytes, refusing more than the upload limit as it arrives."""
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not '{request.content_type}'")
+    limit = request.app[keys.SETTINGS].upload_limit_bytes
+    fields: dict[str, list[str]] = {}
+    data: bytes | None = None
+    received = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            chunks = []
+            while chunk := await part.read_chunk(1 << 16):
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(f"The upload is larger than the limit of "
+                                          f"{request.app[keys.SETTINGS].upload_limit:g} MB")
+                chunks.append(chunk)
+            if part.name == "file" and data is None:
+                data = b"".join(chunks)
+            elif part.name:
+                fields.setdefault(part.name, []).append(b"".join(chunks).decode("utf-8", "replace"))
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
+        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+    return fields, data
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    ms = int(round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
+
+
+def render(result: Any, fmt: str, task: str) -> web.Response:
+    if fmt == "text":
+        return web.Response(text=result.text + "\n", content_type="text/plain")
+    if fmt in ("srt", "vtt"):
+        lines = ["WEBVTT", ""] if fmt == "vtt" else []
+        for number, s in enumerate(result.segments, 1):
+            if fmt == "srt":
+                lines.append(str(number))
+            sep = "," if fmt == "srt" else "."
+            lines += [f"{_timestamp(s.start, sep)} --> {_timestamp(s.end, sep)}", s.text.strip(), ""]
+        return web.Response(text="\n".join(lines), content_type="text/vtt" if fmt == "vtt" else "application/x-subrip")
+    if fmt == "verbose_json":
+        segments = [{"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
+                     "temperature": s.temperature, "avg_logprob": s.avg_logprob,
+                     "compression_ratio": s.compression_ratio, "no_speech_prob": s.no_speech_prob}
+                    for s in result.segments]
+        return web.json_response({"task": task, "language": result.language, "duration": round(result.duration, 3),
+                                  "text": result.text, "segments": segments})
+    return web.json_response({"text": result.text})
+
+
+async def _handle(request: web.Request, task: str) -> web.Response:
+    fields, data = await read_form(request)
+
+    def field(name: str) -> str | None:
+        values = fields.get(name) or fields.get(f"{name}[]")
+        return values[0] if values else None
+
+    if data is None:
+        raise InvalidRequest("'file' is required", param="file")
+    cfg = resolve_model(request, field("model"), "transcript")
+    if "transcript" not in registry(request).usecases(cfg):
+        raise NotImplementedForModel(f"Model '{cfg.name}' does not transcribe audio", param="model")
+    fmt = field("response_format") or "json"
+    if fmt not in FORMATS:
+        raise InvalidRequest(f"Invalid value for 'response_format': {fmt!r}; one of {', '.join(FORMATS)}",
+                             param="response_format")
+    granularities = fields.get("timestamp_granularities[]", []) + fields.get("timestamp_granularities", [])
+    if any(g not in ("segment", "word") for g in granularities):
+        raise InvalidRequest("Invalid value for 'timestamp_granularities[]': 'segment' or 'word'",
+                             param="timestamp_granularities")
+    if "word" in granularities:
+        raise InvalidRequest("Word timestamps are not supported; use 'segment'", param="timestamp_granularities")
+    try:
+        temperature = float(field("temperature") or 0.0)
+    except ValueError:
+        raise InvalidRequest("Invalid value for 'temperature': must be a number", param="temperature") from None
+    if not 0.0 <= temperature <= 1.0:
+        raise InvalidRequest("Invalid value for 'temperature': must be from 0 to 1", param="temperature")
+    language = (field("language") or "").strip().lower() or None
+    executor = request.app[keys.EXECUTOR]
+    try:
+        audio = await run_blocking(executor, decode_audio, data)
+    except UnreadableAudio as exc:
+        raise InvalidRequest(f"Unreadable audio: {exc}", param="file") from None
+    started = time.perf_counter()
+    async with request.app[keys.REGISTRY].acquire(cfg.name) as engine:
+        if language is not None and engine.multilingual and language not in engine.languages:
+            raise InvalidRequest(f"Unknown language '{language}'; use an ISO 639-1 code such as 'en'",
+                                 param="language")
+        cancel = CancelFlag()
+        try:
+            result = await run_blocking(executor, engine.transcribe, audio, language=language, task=task,
+                                        prompt=field("prompt"), temperature=temperature, cancel=cancel)
+        finally:
+            cancel.set()
+            request.app[keys.METRICS].inference.labels(cfg.name, task).observe(time.perf_counter() - started)
+    return render(result, fmt, task)
+
+
+@routes.post("/v1/audio/transcriptions")
+@docs(tags=["audio"], summary="Transcribes audio into the input language.", consumes=["multipart/form-data"],
+      parameters=FORM_FIELDS + [{"in": "formData", "name": "timestamp_granularities[]", "type": "array",
+                                 "items": {"type": "string", "enum": ["segment", "word"]}}])
+async def transcriptions(request: web.Request) -> web.Response:
+    return await _handle(request, "transcribe")
+
+
+@routes.post("/v1/audio/translations")
+@docs(tags=["audio"], summary="Translates audio into English text.", consumes=["multipart/form-data"],
+      parameters=FORM_FIELDS)
+async def translations(request: web.Request) -> web.Response:
+    return await _handle(request, "translate")

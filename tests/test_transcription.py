@@ -1,0 +1,261 @@
+"""Speech to text: features, the CTranslate2 converter, a tiny random Whisper through the whole path,
+and the real default Whisper (marked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEFAULT_MODELS, default_model_configs, write_model_yaml
+from localai_aio.config import ServerSettings
+
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "soundfile", "soxr")),
+                                reason="the stt extra is not installed")
+needs_export = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("optimum", "transformers")),
+                                  reason="the export tool chain is not installed")
+T = "/v1/audio/transcriptions"
+
+
+def wav_bytes(audio: np.ndarray, rate: int = 16000, fmt: str = "WAV", channels: int = 1) -> bytes:
+    import soundfile
+
+    data = np.stack([audio] * channels, axis=1) if channels > 1 else audio
+    buffer = io.BytesIO()
+    soundfile.write(buffer, data, rate, format=fmt)
+    return buffer.getvalue()
+
+
+def tone(seconds: float, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2).astype(np.float32)
+
+
+def form(data: bytes, filename: str = "a.wav", **fields: str):  # noqa: ANN201
+    import aiohttp
+
+    body = aiohttp.FormData()
+    body.add_field("file", io.BytesIO(data), filename=filename, content_type="application/octet-stream")
+    for key, value in fields.items():
+        body.add_field(key.replace("__", "[]"), value)
+    return body
+
+
+@needs_export
+def test_features_match_transformers() -> None:
+    from transformers import WhisperFeatureExtractor
+
+    from localai_aio.backends.whisper_features import N_SAMPLES, features_for, log_mel
+
+    audio = tone(3.0)
+    for n_mels in (80, 128):
+        reference = WhisperFeatureExtractor(feature_size=n_mels)(audio, sampling_rate=16000,
+                                                                 return_tensors="np").input_features[0]
+        mine = log_mel(np.pad(audio, (0, N_SAMPLES - len(audio))), n_mels)
+        np.testing.assert_allclose(mine, reference, atol=1e-4)
+    assert features_for(audio).shape == (80, (len(audio) + N_SAMPLES) // 160)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None or importlib.util.find_spec("optimum") is None,
+                    reason="ctranslate2 and the export tool chain are needed")
+def test_ct2_converter_round_trip(tmp_path: Path) -> None:
+    """transformers -> CTranslate2 (its own converter) -> transformers (ours): every tensor matches."""
+    import ctranslate2
+    from transformers import WhisperForConditionalGeneration
+
+    from localai_aio.gallery.ct2_whisper import convert, read_model_bin, to_transformers_state
+    from tiny_models import save_tiny_whisper
+
+    source = save_tiny_whisper(tmp_path / "hf")
+    ctranslate2.converters.TransformersConverter(str(source)).convert(str(tmp_path / "ct2"), quantization="float32")
+    state, config = to_transformers_state(read_model_bin(tmp_path / "ct2" / "model.bin"))
+    reference = WhisperForConditionalGeneration.from_pretrained(source).state_dict()
+    assert set(reference) == set(state)
+    for name, tensor in reference.items():
+        np.testing.assert_array_equal(state[name], tensor.numpy(), err_msg=name)
+    assert config["d_model"] == 32 and config["encoder_attention_heads"] == 2 and config["vocab_size"] == 51865
+    (tmp_path / "ct2" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    rebuilt = WhisperForConditionalGeneration.from_pretrained(convert(tmp_path / "ct2", tmp_path / "back"))
+    for name, tensor in rebuilt.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), reference[name].numpy(), err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("optimum") is None:
+        pytest.skip("the export tool chain is not installed")
+    from tiny_models import export_tiny_whisper
+
+    return export_tiny_whisper(tmp_path_factory.mktemp("whisper"))
+
+
+@pytest.fixture
+async def wclient(make_client, tmp_path: Path, tiny_whisper: Path):  # noqa: ANN001
+    models = tmp_path / "models"
+    shutil.copytree(tiny_whisper, models / "tiny-whisper")
+    write_model_yaml(models, "whisper", backend="onnx-whisper", parameters={"model": "tiny-whisper"},
+                     aliases=["whisper-1"])
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
+                                              upload_limit=2))
+    return client
+
+
+async def test_every_response_format(wclient) -> None:  # noqa: ANN001
+    audio = wav_bytes(tone(4.0))
+    body = await (await wclient.post(T, data=form(audio, model="whisper-1", language="en"))).json()
+    assert set(body) == {"text"} and isinstance(body["text"], str)
+    resp = await wclient.post(T, data=form(audio, model="whisper", language="en", response_format="text"))
+    assert resp.headers["Content-Type"].startswith("text/plain") and (await resp.text()).endswith("\n")
+    verbose = await (await wclient.post(T, data=form(audio, model="whisper", language="en",
+                                                     response_format="verbose_json"))).json()
+    assert set(verbose) == {"task", "language", "duration", "text", "segments"}
+    assert verbose["task"] == "transcribe" and verbose["language"] == "en" and verbose["duration"] == 4.0
+    for seg in verbose["segments"]:
+        assert set(seg) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                            "compression_ratio", "no_speech_prob"}
+        assert 0 <= seg["start"] <= seg["end"] and len(seg["tokens"]) <= 224  # decoding stops at a sane limit
+    srt = await (await wclient.post(T, data=form(audio, model="whisper", language="en", response_format="srt"))).text()
+    vtt = await (await wclient.post(T, data=form(audio, model="whisper", language="en", response_format="vtt"))).text()
+    assert vtt.startswith("WEBVTT\n\n")
+    stamp = r"\d\d:\d\d:\d\d[,.]\d{3} --> \d\d:\d\d:\d\d[,.]\d{3}"
+    assert len(re.findall(stamp, srt)) == len(re.findall(stamp, vtt)) == len(verbose["segments"])
+
+
+async def test_long_audio_in_windows_and_formats(wclient) -> None:  # noqa: ANN001
+    audio = tone(70.0, rate=8000)  # > 2 windows, another rate, stereo, flac
+    resp = await wclient.post(T, data=form(wav_bytes(audio, 8000, "FLAC", channels=2), "a.flac", model="whisper",
+                                           language="en", response_format="verbose_json"))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["duration"] == 70.0
+    seeks = [s["seek"] for s in body["segments"]]
+    assert seeks == sorted(seeks)
+    starts = [s["start"] for s in body["segments"]]
+    assert starts == sorted(starts) and all(s["end"] <= 70.0 + 30 for s in body["segments"])
+
+
+async def test_silence_and_empty_audio_give_empty_text(wclient) -> None:  # noqa: ANN001
+    for audio in (np.zeros(16000 * 3, np.float32), np.zeros(0, np.float32)):
+        resp = await wclient.post(T, data=form(wav_bytes(audio), model="whisper"))
+        assert resp.status == 200
+        assert await resp.json() == {"text": ""}
+
+
+async def test_language_detection_and_translation(wclient) -> None:  # noqa: ANN001
+    audio = wav_bytes(tone(2.0))
+    body = await (await wclient.post(T, data=form(audio, model="whisper", response_format="verbose_json"))).json()
+    assert re.fullmatch(r"[a-z]{2,3}", body["language"])  # detected (random weights: any language)
+    resp = await wclient.post("/v1/audio/translations", data=form(audio, model="whisper",
+                                                                  response_format="verbose_json"))
+    assert resp.status == 200 and (await resp.json())["task"] == "translate"
+
+
+@pytest.mark.parametrize(("data", "fields", "param", "status"), [
+    (b"not audio at all", {"model": "whisper"}, "file", 400),
+    (None, {"model": "whisper"}, "file", 400),
+    ("wav", {"model": "whisper", "response_format": "xml"}, "response_format", 400),
+    ("wav", {"model": "whisper", "language": "klingon"}, "language", 400),
+    ("wav", {"model": "whisper", "temperature": "hot"}, "temperature", 400),
+    ("wav", {"model": "whisper", "timestamp_granularities__": "word"}, "timestamp_granularities", 400),
+    ("wav", {"model": "nope"}, "model", 404),
+    ("big", {"model": "whisper"}, None, 413),
+])
+async def test_errors(wclient, data, fields: dict, param: str | None, status: int) -> None:  # noqa: ANN001
+    import aiohttp
+
+    if data == "wav":
+        data = wav_bytes(tone(1.0))
+    elif data == "big":
+        data = b"\0" * (3 * 1024 * 1024)
+    if data is None:
+        body = aiohttp.FormData(default_to_multipart=True)
+        for key, value in fields.items():
+            body.add_field(key, value)
+    else:
+        body = form(data, **fields)
+    resp = await wclient.post(T, data=body)
+    assert resp.status == status, await resp.text()
+    err = (await resp.json())["error"]
+    if param:
+        assert err["param"] == param
+    assert (await wclient.get("/healthz")).status == 200
+
+
+# -- the real default Whisper -----------------------------------------------------------------------------------
+
+def espeak(text: str) -> bytes:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    return subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
+
+
+@pytest.fixture
+async def real_whisper(make_client, tmp_path: Path):  # noqa: ANN001
+    configs = default_model_configs("whisper-base")
+    return await make_client(ServerSettings(models_path=str(DEFAULT_MODELS), config_dir=str(tmp_path / "d")),
+                             model_configs=configs)
+
+
+@pytest.mark.model
+async def test_real_whisper_lazy_dog(real_whisper) -> None:  # noqa: ANN001
+    body = await (await real_whisper.post(T, data=form(espeak("The quick brown fox jumps over the lazy dog"),
+                                                       model="whisper-1"))).json()
+    assert "lazy dog" in body["text"].lower()
+
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "My favourite colour is green.",
+             "The train leaves at seven in the morning.", "Please bring me a cup of hot coffee.",
+             "The weather today is cold and windy.", "We walked along the river for an hour.",
+             "Reading books is a good way to relax.", "The children played football in the park.",
+             "He forgot his umbrella at the office.", "The old library has thousands of books.",
+             "I would like to order a pizza.", "Mountains look beautiful in the winter.",
+             "The museum opens on Tuesday.", "Birds were singing in the garden.",
+             "A red car stopped at the corner.", "The cat slept on the warm windowsill.",
+             "She sells sea shells by the sea shore.", "Our neighbours painted their fence blue."]
+
+
+@pytest.mark.model
+async def test_real_whisper_long_clip_complete_with_timestamps(real_whisper) -> None:  # noqa: ANN001
+    import soundfile
+
+    audio = espeak(" ".join(SENTENCES))
+    duration = soundfile.info(io.BytesIO(audio)).duration
+    assert duration > 30  # more than one window
+    body = await (await real_whisper.post(T, data=form(audio, model="whisper-1", language="en",
+                                                       response_format="verbose_json"))).json()
+    text = body["text"].lower()
+    for phrase in ("lazy dog", "hot coffee", "cold and windy", "football in the park", "umbrella",
+                   "order a pizza", "tuesday", "singing in the garden"):
+        assert phrase in text, (phrase, text)
+        assert text.count(phrase) == 1, (phrase, text)  # nothing doubled at a window edge
+    srt = await (await real_whisper.post(T, data=form(audio, model="whisper-1", language="en",
+                                                      response_format="srt"))).text()
+    def seconds(stamp: str) -> float:
+        hours, minutes, rest = stamp.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(rest.replace(",", "."))
+
+    stamps = re.findall(r"(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})", srt)
+    assert len(stamps) >= 3
+    times = [(seconds(a), seconds(b)) for a, b in stamps]
+    assert all(start < end for start, end in times)
+    assert all(times[i][0] >= times[i - 1][0] for i in range(1, len(times)))
+    assert times[-1][1] <= duration + 1
+
+
+@pytest.mark.model
+async def test_tts_round_trip(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    if importlib.util.find_spec("piper") is None:
+        pytest.skip("the tts extra is not installed")
+    configs = default_model_configs("whisper-base", "en-us-joe-medium")
+    client = await make_client(ServerSettings(models_path=str(DEFAULT_MODELS), config_dir=str(tmp_path / "d")),
+                               model_configs=configs)
+    request = {"model": "tts-1", "input": "Hello from the local server", "voice": "alloy", "response_format": "wav"}
+    speech = await (await client.post("/v1/audio/speech", json=request)).read()
+    body = await (await client.post(T, data=form(speech, model="whisper-1", language="en"))).json()
+    assert "local server" in body["text"].lower()
