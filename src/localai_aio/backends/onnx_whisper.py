@@ -254,7 +254,8 @@ class WhisperEngine:
                 continue
             new, advance = self._segments(result, seek, span, len(segments))
             segments += [s for s in new if s.text.strip()]
-            previous += [t for t in result.tokens if t < self.eot]
+            # Like Whisper: text decoded at a high temperature is not trusted as the next window's prompt.
+            previous = [] if result.temperature > 0.5 else previous + [t for t in result.tokens if t < self.eot]
             seek += max(advance, 1)
         text = "".join(s.text for s in segments).strip()
         return Transcript(text, language or "en", duration, segments)

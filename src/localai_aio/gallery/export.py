@@ -60,3 +60,23 @@ def export_whisper(source: Path, out: Path) -> Path:
         if not (out / name).is_file():
             raise ExportError(f"optimum wrote no {name} for {source.name}")
     return out
+
+
+def quantize_int8(folder: Path, names: tuple[str, ...]) -> None:
+    """Dynamic int8 quantization of the named ONNX models in place (weights int8, activations float).
+
+    On CPUs this roughly halves Whisper's decoding time at the same transcripts, as CTranslate2's int8 does.
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ExportError("quantizing needs onnxruntime and onnx: pip install 'localai-aio[export]'") from None
+    for name in names:
+        source = folder / name
+        if not source.is_file():
+            raise ExportError(f"nothing to quantize: {name} is missing")
+        staged = folder / f".{name}.int8"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8)
+        staged.replace(source)

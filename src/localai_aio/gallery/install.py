@@ -193,8 +193,15 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
 
 def run_step(step: Mapping[str, Any], staged: Path) -> None:
     """One post-processing step on the staged folder (e.g. exporting a model to ONNX)."""
-    from localai_aio.gallery.export import ExportError, export_feature_extraction, export_whisper
+    from localai_aio.gallery.export import ExportError, export_feature_extraction, export_whisper, quantize_int8
 
+    if step.get("quantize") == "int8":
+        log.info("quantizing %s to int8", step["in"])
+        try:
+            quantize_int8(resolve_inside(staged, step["in"]), tuple(step["models"]))
+        except ExportError as exc:
+            raise InstallError(str(exc)) from None
+        return
     source, target = resolve_inside(staged, step["from"]), resolve_inside(staged, step["to"])
     try:
         if step.get("export") == "feature-extraction":
