@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from _server import DEFAULT_MODELS, server
 
 MODEL = "all-minilm-l6-v2"
 WORDS = ("the quick brown fox jumps over a lazy dog while a small cat watches from the warm kitchen window "
@@ -30,11 +26,6 @@ WORDS = ("the quick brown fox jumps over a lazy dog while a small cat watches fr
 def sentences(n: int) -> list[str]:
     return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 12)) + f" {i}." for i in range(n)]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def through_server(url: str, texts: list[str], concurrency: int) -> float:
@@ -79,8 +70,7 @@ async def through_server_raw(url: str, texts: list[str], concurrency: int) -> fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
-                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--models-path", default=DEFAULT_MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=512)
     parser.add_argument("--clients", type=int, default=32)
@@ -101,29 +91,12 @@ def main() -> int:
     reference.encode(texts, batch_size=32)
     st_rate = len(texts) / (time.perf_counter() - start)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             args.models_path, "--config-dir", data, "--threads", str(args.threads), "--log-level", "warning",
-             "--preload-models", MODEL, "--queue-size", str(args.clients * 2)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
-            asyncio.run(through_server(url, texts[:32], args.clients))  # warm up
-            concurrent = asyncio.run(through_server(url, texts, args.clients))
-            sequential = asyncio.run(through_server(url, texts[: max(64, args.sentences // 4)], 1))
-            raw = asyncio.run(through_server_raw(url, texts, args.clients))
-        finally:
-            server.terminate()
-            server.wait(30)
+    flags = ("--threads", str(args.threads), "--preload-models", MODEL, "--queue-size", str(args.clients * 2))
+    with server(args.models_path, *flags) as (url, _):
+        asyncio.run(through_server(url, texts[:32], args.clients))  # warm up
+        concurrent = asyncio.run(through_server(url, texts, args.clients))
+        sequential = asyncio.run(through_server(url, texts[: max(64, args.sentences // 4)], 1))
+        raw = asyncio.run(through_server_raw(url, texts, args.clients))
     print(f"model {MODEL}, {args.threads} thread(s), {len(texts)} sentences")
     print(f"sentence-transformers encode (in-process):  {st_rate:8.1f} sentences/s")
     print(f"server, {args.clients} concurrent clients:          {concurrent:8.1f} sentences/s")

@@ -14,27 +14,17 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
+
+from _server import DEFAULT_MODELS, server
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is two plus two?",
              "Say hello.", "What is the largest planet?"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -99,42 +89,24 @@ async def round_(url: str, clients: int, seconds: float, mix: list[str]) -> dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
-                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--models-path", default=DEFAULT_MODELS)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mix", default="chat,embeddings", help="comma-separated: chat, embeddings")
     args = parser.parse_args()
     mix = [m.strip() for m in args.mix.split(",") if m.strip()]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             args.models_path, "--config-dir", data, "--log-level", "warning", "--queue-size", str(args.clients)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
-            print(f"{args.clients} clients, mix {mix}, {args.seconds:g} s per round")
-            for r in range(args.rounds):
-                before = rss_mb(server.pid)
-                result = asyncio.run(round_(url, args.clients, args.seconds, mix))
-                after = rss_mb(server.pid)
-                errors = dict(result["errors"]) or "none"
-                print(f"round {r + 1}: {result['requests']} requests, {result['rps']:.1f} req/s, "
-                      f"p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms, "
-                      f"RSS {before:.0f} -> {after:.0f} MB, errors: {errors}")
-        finally:
-            server.terminate()
-            code = server.wait(60)
-    print(f"server exited with {code} after SIGTERM")
+    with server(args.models_path, "--queue-size", str(args.clients)) as (url, proc):
+        print(f"{args.clients} clients, mix {mix}, {args.seconds:g} s per round")
+        for r in range(args.rounds):
+            before = rss_mb(proc.pid)
+            result = asyncio.run(round_(url, args.clients, args.seconds, mix))
+            after = rss_mb(proc.pid)
+            errors = dict(result["errors"]) or "none"
+            print(f"round {r + 1}: {result['requests']} requests, {result['rps']:.1f} req/s, "
+                  f"p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms, "
+                  f"RSS {before:.0f} -> {after:.0f} MB, errors: {errors}")
+    print(f"server exited with {proc.returncode} after SIGTERM")
     return 0
 
 

@@ -11,15 +11,12 @@ Targets: at most 1.05x piper's time; first byte within a third of the total.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from _server import DEFAULT_MODELS, server
 
 MODEL = "en-us-joe-medium"
 SENTENCES = [
@@ -31,11 +28,6 @@ SENTENCES = [
 ]
 TEXT = " ".join(SENTENCES)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def direct(model: Path, threads: int) -> tuple[float, float]:
@@ -73,8 +65,7 @@ def served(url: str) -> tuple[float, float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
-                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--models-path", default=DEFAULT_MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -82,29 +73,12 @@ def main() -> int:
     if not model.is_file():
         print(f"{MODEL} is not installed in {args.models_path}: python -m localai_aio models install {MODEL}")
         return 2
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             args.models_path, "--config-dir", data, "--threads", str(args.threads), "--log-level", "warning",
-             "--preload-models", MODEL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
-            served(url)  # warm up
-            d_runs, s_runs = [], []
-            for _ in range(args.rounds):  # alternate so machine noise hits both sides alike
-                s_runs.append(served(url))
-                d_runs.append(direct(model, args.threads))
-        finally:
-            server.terminate()
-            server.wait(30)
+    with server(args.models_path, "--threads", str(args.threads), "--preload-models", MODEL) as (url, _):
+        served(url)  # warm up
+        d_runs, s_runs = [], []
+        for _ in range(args.rounds):  # alternate so machine noise hits both sides alike
+            s_runs.append(served(url))
+            d_runs.append(direct(model, args.threads))
     d_time = statistics.median(r[0] for r in d_runs)
     audio = statistics.median(r[1] for r in d_runs)
     s_ttfb = statistics.median(r[0] for r in s_runs)

@@ -9,15 +9,12 @@ Targets: server decode speed at least 0.95x direct, and under 15 ms added to tim
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from _server import DEFAULT_MODELS, server
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -26,11 +23,6 @@ PROMPTS = [
     "Describe a walk through a city at night, with many details. Take {i}.",
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_stream(chunks) -> tuple[float, float, int]:  # noqa: ANN001
@@ -79,8 +71,7 @@ def server_runs(url: str, prompts: list[str], max_tokens: int):  # noqa: ANN201
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
-                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--models-path", default=DEFAULT_MODELS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -96,30 +87,13 @@ def main() -> int:
         return 2
     ctx = int(cfg.context_size or 2048)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             args.models_path, "--config-dir", data, "--threads", str(args.threads), "--log-level", "warning",
-             "--preload-models", MODEL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
-            direct, served = [], []
-            for r in range(args.rounds):  # alternate so that machine noise hits both sides alike
-                prompts = [p.format(i=r) for p in PROMPTS]
-                served += server_runs(url, prompts, args.max_tokens)
-                direct += direct_runs(cfg.model_path, args.threads, ctx, cfg.system_prompt or "", prompts,
-                                      args.max_tokens)
-        finally:
-            server.terminate()
-            server.wait(30)
+    with server(args.models_path, "--threads", str(args.threads), "--preload-models", MODEL) as (url, _):
+        direct, served = [], []
+        for r in range(args.rounds):  # alternate so that machine noise hits both sides alike
+            prompts = [p.format(i=r) for p in PROMPTS]
+            served += server_runs(url, prompts, args.max_tokens)
+            direct += direct_runs(cfg.model_path, args.threads, ctx, cfg.system_prompt or "", prompts,
+                                  args.max_tokens)
 
     def med(rows, i):  # noqa: ANN001, ANN202
         return statistics.median(r[i] for r in rows)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+from _server import DEFAULT_MODELS, server
 
 MODEL = "whisper-base"
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "My favourite colour is green.",
@@ -31,11 +29,6 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "My favourite colou
              "I would like to order a pizza.", "Mountains look beautiful in the winter.",
              "The museum opens on Tuesday.", "Birds were singing in the garden."]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PROSE = [
@@ -94,8 +87,7 @@ def through_server(url: str, wav: bytes) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-path", default=os.environ.get("LOCALAI_TEST_MODELS_PATH",
-                                                                str(Path.home() / ".cache/localai-aio/models")))
+    parser.add_argument("--models-path", default=DEFAULT_MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -108,39 +100,22 @@ def main() -> int:
 
     clips = {name: speak(seconds) for name, seconds in (("20 s", 20), ("60 s", 60))}
     reference = WhisperModel(str(ct2), device="cpu", compute_type="int8", cpu_threads=args.threads)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             args.models_path, "--config-dir", data, "--threads", str(args.threads), "--log-level", "warning",
-             "--preload-models", MODEL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.1)
-            through_server(url, clips["20 s"])  # warm up
-            print(f"model {MODEL}, {args.threads} thread(s), greedy decoding, language en")
-            for name, wav in clips.items():
-                duration = soundfile.info(io.BytesIO(wav)).duration
-                served, direct = [], []
-                for _ in range(args.rounds):  # alternate so that machine noise hits both sides alike
-                    served.append(through_server(url, wav))
-                    start = time.perf_counter()
-                    segments, _ = reference.transcribe(io.BytesIO(wav), language="en", beam_size=1,
-                                                       temperature=0.0, vad_filter=False)
-                    list(segments)
-                    direct.append(time.perf_counter() - start)
-                s, d = statistics.median(served), statistics.median(direct)
-                print(f"{name} clip ({duration:.1f} s): server {s:.2f} s (RTF {s / duration:.3f}), "
-                      f"faster-whisper int8 {d:.2f} s (RTF {d / duration:.3f}), ratio {s / d:.2f}  (target <= 0.8)")
-        finally:
-            server.terminate()
-            server.wait(30)
+    with server(args.models_path, "--threads", str(args.threads), "--preload-models", MODEL) as (url, _):
+        through_server(url, clips["20 s"])  # warm up
+        print(f"model {MODEL}, {args.threads} thread(s), greedy decoding, language en")
+        for name, wav in clips.items():
+            duration = soundfile.info(io.BytesIO(wav)).duration
+            served, direct = [], []
+            for _ in range(args.rounds):  # alternate so that machine noise hits both sides alike
+                served.append(through_server(url, wav))
+                start = time.perf_counter()
+                segments, _ = reference.transcribe(io.BytesIO(wav), language="en", beam_size=1,
+                                                   temperature=0.0, vad_filter=False)
+                list(segments)
+                direct.append(time.perf_counter() - start)
+            s, d = statistics.median(served), statistics.median(direct)
+            print(f"{name} clip ({duration:.1f} s): server {s:.2f} s (RTF {s / duration:.3f}), "
+                  f"faster-whisper int8 {d:.2f} s (RTF {d / duration:.3f}), ratio {s / d:.2f}  (target <= 0.8)")
     return 0
 
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
 from localai_aio.api.assistants import call_store
-from localai_aio.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from localai_aio.api.multipart import Upload
+from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import run_blocking
 
 routes = web.RouteTableDef()
 
 PURPOSES = ("assistants", "fine-tune", "batch", "vision", "user_data", "evals")
 MAX_FILENAME = 255
-CHUNK = 1 << 16
 
 
 def _write(path: Path, data: bytes, mode: str) -> None:
@@ -26,44 +25,23 @@ def _write(path: Path, data: bytes, mode: str) -> None:
 
 
 async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | None, str | None]:
-    """Stream a multipart body: text fields in memory, the ``file`` part to a staging file on disk.
-
-    Counts bytes as they arrive, so a body over the upload limit is refused without reading it whole.
-    """
-    if request.content_type != "multipart/form-data":
-        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not '{request.content_type}'")
+    """Text fields in memory, the ``file`` part streamed to a staging file on disk (never held whole)."""
     executor = request.app[keys.EXECUTOR]
-    limit = request.app[keys.SETTINGS].upload_limit_bytes
     store = request.app[keys.STORE]
+    upload = Upload(request)
     fields: dict[str, str] = {}
     staged: Path | None = None
     filename: str | None = None
-    received = 0
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
+        async for part in upload.parts():
             if part.name == "file" and staged is None:
                 staged = store.staging_path()
                 filename = part.filename or "upload"
                 await run_blocking(executor, _write, staged, b"", "wb")
-                while chunk := await part.read_chunk(CHUNK):
-                    received += len(chunk)
-                    if received > limit:
-                        raise PayloadTooLarge(f"The file is larger than the upload limit of "
-                                              f"{request.app[keys.SETTINGS].upload_limit:g} MB")
+                async for chunk in upload.chunks(part):
                     await run_blocking(executor, _write, staged, chunk, "ab")
             elif part.name:
-                value = await part.read(decode=True)
-                received += len(value)
-                if received > limit:
-                    raise PayloadTooLarge("The form fields are larger than the upload limit")
-                fields[part.name] = value.decode("utf-8", "replace")
-    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
-        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+                fields[part.name] = (await upload.read(part)).decode("utf-8", "replace")
     except BaseException:
         if staged is not None:
             staged.unlink(missing_ok=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
 from localai_aio.api.common import registry, resolve_model
+from localai_aio.api.multipart import Upload
 from localai_aio.audio import UnreadableAudio, decode_audio
-from localai_aio.errors import InvalidRequest, NotImplementedForModel, PayloadTooLarge, UnsupportedMediaType
+from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.runtime import CancelFlag, run_blocking
 
 routes = web.RouteTableDef()
@@ -26,31 +26,16 @@ FORM_FIELDS = [{"in": "formData", "name": "file", "type": "file", "required": Tr
 
 
 async def read_form(request: web.Request) -> tuple[dict[str, list[str]], bytes | None]:
-    """Text fields and the ``file`` part's bytes, refusing more than the upload limit as it arrives."""
-    if request.content_type != "multipart/form-data":
-        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not '{request.content_type}'")
-    limit = request.app[keys.SETTINGS].upload_limit_bytes
+    """Text fields and the ``file`` part's bytes."""
+    upload = Upload(request)
     fields: dict[str, list[str]] = {}
     data: bytes | None = None
-    received = 0
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            chunks = []
-            while chunk := await part.read_chunk(1 << 16):
-                received += len(chunk)
-                if received > limit:
-                    raise PayloadTooLarge(f"The upload is larger than the limit of "
-                                          f"{request.app[keys.SETTINGS].upload_limit:g} MB")
-                chunks.append(chunk)
-            if part.name == "file" and data is None:
-                data = b"".join(chunks)
-            elif part.name:
-                fields.setdefault(part.name, []).append(b"".join(chunks).decode("utf-8", "replace"))
-    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
-        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+    async for part in upload.parts():
+        value = await upload.read(part)
+        if part.name == "file" and data is None:
+            data = value
+        elif part.name:
+            fields.setdefault(part.name, []).append(value.decode("utf-8", "replace"))
     return fields, data
 
 

@@ -19,8 +19,7 @@ class ExportError(Exception):
     pass
 
 
-def export_feature_extraction(source: Path | str, out: Path) -> Path:
-    """``source`` (a transformers folder, optionally sentence-transformers) -> ``out/model.onnx`` + tokenizer."""
+def _optimum_export(source: Path | str, out: Path, task: str, **options: str) -> None:
     try:
         from optimum.exporters.onnx import main_export
     except ImportError:
@@ -28,10 +27,14 @@ def export_feature_extraction(source: Path | str, out: Path) -> Path:
     with warnings.catch_warnings():  # torch's and transformers' deprecation chatter during tracing
         warnings.simplefilter("ignore")
         try:
-            main_export(str(source), output=str(out), task="feature-extraction", device="cpu",
-                        library_name="transformers")
+            main_export(str(source), output=str(out), task=task, device="cpu", **options)
         except Exception as exc:  # optimum raises many kinds; the message is what matters
             raise ExportError(f"optimum could not export {source}: {exc}") from None
+
+
+def export_feature_extraction(source: Path | str, out: Path) -> Path:
+    """``source`` (a transformers folder, optionally sentence-transformers) -> ``out/model.onnx`` + tokenizer."""
+    _optimum_export(source, out, "feature-extraction", library_name="transformers")
     for name in SENTENCE_TRANSFORMERS_FILES if isinstance(source, Path) else ():
         if (source / name).is_file():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -43,16 +46,7 @@ def export_feature_extraction(source: Path | str, out: Path) -> Path:
 
 def export_whisper(source: Path | str, out: Path) -> Path:
     """A transformers Whisper folder -> encoder, decoder and decoder-with-past ONNX models + tokenizer."""
-    try:
-        from optimum.exporters.onnx import main_export
-    except ImportError:
-        raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export]'") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            main_export(str(source), output=str(out), task="automatic-speech-recognition-with-past", device="cpu")
-        except Exception as exc:  # optimum raises many kinds
-            raise ExportError(f"optimum could not export {source}: {exc}") from None
+    _optimum_export(source, out, "automatic-speech-recognition-with-past")
     merged = out / "decoder_model_merged.onnx"
     if merged.is_file():
         merged.unlink()  # the separate decoders are what the server runs
@@ -84,17 +78,7 @@ def quantize_int8(folder: Path, names: tuple[str, ...]) -> None:
 
 def export_text_to_image(source: Path | str, out: Path) -> Path:
     """A diffusers Stable Diffusion folder (or Hub id) -> optimum's ONNX pipeline folder."""
-    try:
-        from optimum.exporters.onnx import main_export
-    except ImportError:
-        raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export,diffusion]'") \
-            from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            main_export(str(source), output=str(out), task="text-to-image", device="cpu")
-        except Exception as exc:  # optimum raises many kinds
-            raise ExportError(f"optimum could not export {source}: {exc}") from None
+    _optimum_export(source, out, "text-to-image")
     if not (out / "model_index.json").is_file():
         raise ExportError(f"optimum wrote no model_index.json for {source}")
     return out
