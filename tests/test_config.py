@@ -117,3 +117,20 @@ def test_readme_documents_every_setting() -> None:
         assert f"`{setting.flag}" in readme, setting.flag
         for var in setting.env:
             assert f"`{var}`" in readme, var
+
+
+def test_json_log_format(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from localai_aio.logs import setup_logging
+
+    setup_logging("info", "json")
+    try:
+        logging.getLogger("localai_aio.access").info("GET /v1/models 200", extra={"status": 200, "request_id": "r1"})
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        record = json.loads(line)
+        assert record["message"] == "GET /v1/models 200" and record["status"] == 200 and record["request_id"] == "r1"
+        assert record["levelname"] == "INFO" and record["name"] == "localai_aio.access"
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.getLogger().setLevel(logging.WARNING)

@@ -258,3 +258,29 @@ async def test_real_model_calls_weather_for_boston(make_client, tmp_path: Path) 
         "response_format": {"type": "json_object"}})).json()
     assert body["choices"][0]["finish_reason"] == "stop"
     assert json.loads(body["choices"][0]["message"]["content"]) == {"name": "Tom", "age": 3}
+
+
+@pytest.mark.llama
+async def test_yaml_parallel_calls_and_mixed_mode(make_client, tmp_path: Path, tiny_gguf: Path) -> None:  # noqa: ANN001
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "t.gguf").write_bytes(tiny_gguf.read_bytes())
+    write_model_yaml(models, "single", context_size=1024, parameters={"model": "t.gguf"},
+                     function={"grammar": {"parallel_calls": False}})
+    write_model_yaml(models, "nomixed", context_size=1024, parameters={"model": "t.gguf"},
+                     function={"grammar": {"mixed_mode": False}})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    from localai_aio.tools import plan_tools
+
+    # parallel_calls: false -> the grammar has no array branch, so exactly one call comes back
+    request = {"tools": [WEATHER, TIME], "tool_choice": "required"}
+    assert '"["' in plan_tools(request, {}).grammar
+    assert '"["' not in plan_tools(request, {"grammar": {"parallel_calls": False}}).grammar
+    body = await (await client.post(CHAT, json={"model": "single", "messages": ASK, "tools": [WEATHER, TIME],
+                                                "tool_choice": "required", "temperature": 0,
+                                                "max_tokens": 300})).json()
+    assert len(check_calls(body["choices"][0]["message"])) == 1
+    # mixed_mode: false -> "auto" runs without a grammar: the tiny model just talks
+    body = await (await client.post(CHAT, json={"model": "nomixed", "messages": [{"role": "user", "content": "hi"}],
+                                                "tools": [WEATHER], "temperature": 0, "max_tokens": 3})).json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": " Hello world!"}
