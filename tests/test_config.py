@@ -83,7 +83,8 @@ def test_model_configs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     (models / "bare.gguf").write_bytes(b"x")
     (models / "good.yaml").write_text(
         "name: good\nbackend: llama-cpp\nparameters:\n  model: a.gguf\n  temperature: 0.2\n"
-        "context_size: 100\nstopwords: ['</s>']\ntemplate:\n  chat: chatml\nfancy_key: 1\naliases: [gpt-4]\n")
+        "context_size: 100\nstopwords: ['</s>']\ntemplate:\n  chat: chatml\nfancy_key: 1\naliases: [gpt-4]\n"
+        "providers: [CPUExecutionProvider]\n")
     (models / "broken.yaml").write_text("name: [unclosed\n")
     (models / "missing.yaml").write_text("name: missing\nparameters:\n  model: nothere.gguf\n")
     (models / "escape.yaml").write_text("name: escape\nparameters:\n  model: ../outside.gguf\n")
@@ -98,8 +99,9 @@ def test_model_configs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     assert good.backend == "llama-cpp" and good.model_path == (models / "a.gguf").resolve()
     assert good.parameters["temperature"] == 0.2 and good.context_size == 100
     assert good.stopwords == ("</s>",) and good.template == {"chat": "chatml"}
-    assert good.extra == {"fancy_key": 1} and good.aliases == ("gpt-4",)
-    assert "fancy_key" in caplog.text
+    assert good.extra == {"fancy_key": 1, "providers": ["CPUExecutionProvider"]} and good.aliases == ("gpt-4",)
+    assert good.option("providers") == ["CPUExecutionProvider"]
+    assert "keeping keys this server does not use: fancy_key" in caplog.text  # backend options are not "unused"
     assert configs["bare.gguf"].backend is None
     assert configs["missing"].error and "does not exist" in configs["missing"].error
     joined = "\n".join(problems)

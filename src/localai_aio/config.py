@@ -255,11 +255,18 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
 # Model configs (LocalAI's YAML keys)
 # ---------------------------------------------------------------------------------------------------------
 
-# Keys this server reads from a model YAML; everything else is kept in ``extra`` and logged once.
+# Keys this server reads from a model YAML. Backend options (read with ``ModelConfig.option``) stay in
+# ``extra`` for their backend; anything else is kept there too and logged once as unused.
 KNOWN_MODEL_KEYS = frozenset({
     "name", "backend", "parameters", "context_size", "threads", "template", "stopwords", "embeddings",
-    "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "mmap", "gpu_layers",
+    "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "gpu_layers",
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
+})
+BACKEND_OPTION_KEYS = frozenset({
+    "providers", "spinning", "mmap", "lib",  # engines
+    "pooling", "normalize", "max_length",  # onnx-embeddings
+    "voices",  # piper
+    "scheduler", "step", "steps", "guidance_scale", "cfg_scale", "size",  # onnx-diffusion
 })
 
 
@@ -371,8 +378,9 @@ def load_model_configs(models_path: str | Path) -> tuple[dict[str, ModelConfig],
             continue
         if cfg.error:
             problems.append(f"model config {source.name}: {cfg.error}")
-        if cfg.extra:
-            log.info("model %s: keeping keys this server does not use: %s", cfg.name, ", ".join(sorted(cfg.extra)))
+        unused = sorted(set(cfg.extra) - BACKEND_OPTION_KEYS)
+        if unused:
+            log.info("model %s: keeping keys this server does not use: %s", cfg.name, ", ".join(unused))
         configs[cfg.name] = cfg
         if cfg.model_path is not None:
             claimed.add(cfg.model_path)

@@ -48,7 +48,7 @@ class CTransformersEngine:
         self.n_ctx = context_size_for(cfg, settings)
         try:
             self.llm = AutoModelForCausalLM.from_pretrained(
-                str(path), model_type="llama", lib=cfg.extra.get("lib", "avx2"),
+                str(path), model_type="llama", lib=cfg.option("lib") or "avx2",
                 context_length=self.n_ctx, threads=self.threads)
         except (OSError, RuntimeError, ValueError) as exc:
             raise BackendError(f"ctransformers could not load the file: {scrub(exc, path)}") from None

@@ -43,7 +43,7 @@ class LlamaCppEngine:
                 n_threads_batch=threads_for(cfg, settings), seed=cfg.seed if cfg.seed is not None else -1,
                 embedding=cfg.embeddings, verbose=False,
                 **({"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if cfg.embeddings else {}),
-                use_mmap=cfg.extra.get("mmap", True) if cfg.extra else True,
+                use_mmap=bool(cfg.option("mmap", True)),
             )
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"llama.cpp could not load the file: {scrub(exc, path)}") from None
