@@ -136,6 +136,8 @@ async def test_client_leaving_cancels_between_steps(iclient, caplog) -> None:  #
     import logging
 
     client, _ = iclient
+    warm = await client.post(IMAGES, json={"model": "sd", "prompt": "x", "step": 1, "response_format": "b64_json"})
+    assert warm.status == 200  # the model is loaded, so the next request is generating when it is cancelled
     long_job = asyncio.ensure_future(client.post(IMAGES, json={
         "model": "sd", "prompt": "a cat", "n": 10, "size": "128x128", "step": 150, "response_format": "b64_json"}))
     await asyncio.sleep(1.0)

@@ -147,6 +147,12 @@ async def test_silence_and_empty_audio_give_empty_text(wclient) -> None:  # noqa
         assert await resp.json() == {"text": ""}
 
 
+async def test_prompt_is_accepted(wclient) -> None:  # noqa: ANN001
+    resp = await wclient.post(T, data=form(wav_bytes(tone(2.0)), model="whisper", language="en",
+                                           prompt="Hello world, the dog.", response_format="verbose_json"))
+    assert resp.status == 200 and (await resp.json())["task"] == "transcribe"
+
+
 async def test_language_detection_and_translation(wclient) -> None:  # noqa: ANN001
     audio = wav_bytes(tone(2.0))
     body = await (await wclient.post(T, data=form(audio, model="whisper", response_format="verbose_json"))).json()
