@@ -199,15 +199,6 @@ def generate_choice(engine: TextEngine, prompt: Sequence[int], params: GenParams
     yield Finish(index, "stop" if hit else reason, count)
 
 
-def generate_choices(engine: TextEngine, prompt: Sequence[int], params: GenParams, n: int,
-                     cancel: CancelFlag) -> Iterator[Piece | Finish]:
-    """``n`` choices one after the other on the same engine instance."""
-    for index in range(n):
-        if cancel.is_set():
-            return
-        yield from generate_choice(engine, prompt, params.for_choice(index), index, cancel)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Request fields -> GenParams
 # ---------------------------------------------------------------------------------------------------------

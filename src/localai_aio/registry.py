@@ -223,12 +223,6 @@ class ModelRegistry:
                 except Exception:
                     log.exception("closing an engine failed")
 
-    async def unload(self, name: str) -> None:
-        slot = self._slots[self.config(name).name]
-        if slot.users:
-            raise ServerBusy(f"Model '{name}' is in use", retry_after=1)
-        await self._unload(slot, reason="requested")
-
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload models unused for ``idle_timeout`` seconds; returns their names."""
         timeout = self.settings.idle_timeout

@@ -24,7 +24,6 @@ class GGUFInfo:
     bos_id: int | None
     eos_id: int | None
     add_bos: bool
-    context_length: int | None
     special_tokens: dict[str, int] = field(default_factory=dict)  # text of control tokens -> id
     tokens: tuple[str, ...] = ()
 
@@ -67,7 +66,6 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         bos_id=get("tokenizer.ggml.bos_token_id"),
         eos_id=get("tokenizer.ggml.eos_token_id"),
         add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
-        context_length=get(f"{arch}.context_length"),
         special_tokens=special,
         tokens=tokens,
     )

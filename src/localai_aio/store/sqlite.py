@@ -258,9 +258,6 @@ class SQLiteStore:
                 raise StoreNotFound("file", file_id)
         (self.files_dir / file_id).unlink(missing_ok=True)
 
-    def integrity_check(self) -> str:
-        return self._query("PRAGMA integrity_check")[0][0]
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
