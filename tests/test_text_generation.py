@@ -214,13 +214,15 @@ async def test_missing_model_uses_first_chat_model(client) -> None:  # noqa: ANN
 @pytest.mark.llama
 async def test_content_parts_and_roles(client) -> None:  # noqa: ANN001
     parts = [{"role": "developer", "content": "be brief"},
-             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url",
-                                                                         "image_url": {"url": "x"}}]},
+             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
              {"role": "assistant", "content": "ok"},
              {"role": "tool", "tool_call_id": "call_1", "content": "42"},
              {"role": "user", "content": "again"}]
     resp = await client.post(CHAT, json={"model": "tiny-llama", "messages": parts, "max_tokens": 1})
     assert resp.status == 200
+    image = await client.post(CHAT, json={"model": "tiny-llama", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    assert image.status == 400 and (await image.json())["error"]["param"] == "messages.0.content.0.type"
     bad_role = await client.post(CHAT, json={"model": "tiny-llama", "messages": [{"role": "robot", "content": "x"}]})
     assert bad_role.status == 400 and (await bad_role.json())["error"]["param"] == "messages.0.role"
     no_id = await client.post(CHAT, json={"model": "tiny-llama", "messages": [{"role": "tool", "content": "x"}]})

@@ -90,11 +90,13 @@ def text_of(content: Any, where: str) -> str:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise InvalidRequest(f"Invalid value for '{where}.{i}': each part must be an object with a 'type'",
                                      param=f"{where}.{i}")
-            if part["type"] == "text":
-                if not isinstance(part.get("text"), str):
-                    raise InvalidRequest(f"Invalid value for '{where}.{i}.text': must be a string",
-                                         param=f"{where}.{i}.text")
-                texts.append(part["text"])
+            if part["type"] != "text":
+                raise InvalidRequest(f"Invalid value for '{where}.{i}.type': {part['type']!r} parts are not "
+                                     "supported by these text models; send 'text' parts", param=f"{where}.{i}.type")
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"Invalid value for '{where}.{i}.text': must be a string",
+                                     param=f"{where}.{i}.text")
+            texts.append(part["text"])
         return "\n".join(texts)
     raise InvalidRequest(f"Invalid value for '{where}': must be a string or a list of parts", param=where)
 
