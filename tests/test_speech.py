@@ -182,3 +182,28 @@ async def test_default_voice_says_hello(make_client, tmp_path: Path) -> None:  #
     assert 0.8 <= len(audio) / sr <= 3.0
     assert np.abs(audio).max() > 0.1
     # Transcribing it back with the default Whisper: tests/test_transcription.py::test_tts_round_trip
+
+
+async def test_failure_mid_stream_ends_the_audio_and_the_server_keeps_serving(tts, monkeypatch, caplog) -> None:  # noqa: ANN001
+    from localai_aio.backends import piper_tts
+
+    client, _ = tts
+    original = piper_tts.PiperEngine.synthesize
+
+    def breaks_after_one(self, text, **kwargs):  # noqa: ANN001, ANN202
+        for i, chunk in enumerate(original(self, text, **kwargs)):
+            if i == 1:
+                raise RuntimeError("voice failed")
+            yield chunk
+
+    monkeypatch.setattr(piper_tts.PiperEngine, "synthesize", breaks_after_one)
+    resp = await client.post(SPEECH, json={"model": "voice", "input": TEXT, "response_format": "pcm"})
+    assert resp.status == 200  # the first sentence was already on its way
+    import aiohttp
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # the stream is cut, not finished: the client can tell the audio is incomplete
+    assert "speech from voice failed after 1 sentence(s)" in caplog.text
+    monkeypatch.setattr(piper_tts.PiperEngine, "synthesize", original)
+    ok = await client.post(SPEECH, json={"model": "voice", "input": "Hi.", "response_format": "pcm"})
+    assert ok.status == 200 and len(await ok.read()) > 0

@@ -95,6 +95,14 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
                      sentences)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except Exception:
+            if not response.prepared:
+                raise
+            # The audio headers are out; an error body cannot follow. Cut the stream so the client sees it end.
+            log.exception("speech from %s failed after %d sentence(s) (request id %s)", cfg.name, sentences,
+                          request.get(keys.REQUEST_ID))
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             await chunks.aclose()
             app[keys.METRICS].inference.labels(cfg.name, "speech").observe(time.perf_counter() - started)
