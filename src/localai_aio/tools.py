@@ -43,7 +43,7 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def _check_schema(schema: Any, param: str) -> None:
+def check_schema(schema: Any, param: str) -> None:
     if not isinstance(schema, dict):
         raise InvalidRequest(f"Invalid value for '{param}': a JSON schema must be an object", param=param)
     from jsonschema import SchemaError
@@ -75,7 +75,7 @@ def _function_of(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise InvalidRequest(f"Invalid value for '{where}': a function needs a 'name'", param=where)
     params = fn.get("parameters", {"type": "object", "properties": {}})
-    _check_schema(params, f"{where}.parameters")
+    check_schema(params, f"{where}.parameters")
     return {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
 
 
@@ -132,7 +132,7 @@ def plan_tools(body: Mapping[str, Any], function_cfg: Mapping[str, Any]) -> Tool
         if not isinstance(structure, dict):
             raise InvalidRequest("Invalid value for 'grammar_json_functions': must be an object",
                                  param="grammar_json_functions")
-        _check_schema(structure, "grammar_json_functions")
+        check_schema(structure, "grammar_json_functions")
         return ToolPlan(schema_to_gbnf(structure, "grammar_json_functions"), calls_expected=True)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
@@ -171,7 +171,7 @@ def _response_format_grammar(fmt: Mapping[str, Any]) -> str:
             raise InvalidRequest("'response_format.json_schema' needs a 'name' and a 'schema'",
                                  param="response_format.json_schema")
         schema = spec.get("schema", {"type": "object"})
-        _check_schema(schema, "response_format.json_schema.schema")
+        check_schema(schema, "response_format.json_schema.schema")
         return schema_to_gbnf(schema, "response_format.json_schema.schema")
     raise InvalidRequest(f"Invalid value for 'response_format.type': {kind!r} (expected text, json_object or "
                          "json_schema)", param="response_format.type")

@@ -14,7 +14,7 @@ from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
 from localai_aio.store.base import Page, StoreNotFound
-from localai_aio.tools import _check_schema
+from localai_aio.tools import check_schema
 
 routes = web.RouteTableDef()
 
@@ -81,7 +81,7 @@ def _validate_tools(tools: list[Any]) -> list[dict[str, Any]]:
                 raise InvalidRequest(f"Invalid value for '{where}.function.description': must be a string",
                                      param=f"{where}.function.description")
             if "parameters" in fn:
-                _check_schema(fn["parameters"], f"{where}.function.parameters")
+                check_schema(fn["parameters"], f"{where}.function.parameters")
     return tools
 
 
