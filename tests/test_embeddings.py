@@ -130,6 +130,16 @@ async def test_errors(eclient, body: dict, param: str, status: int) -> None:  # 
     assert (await resp.json())["error"]["param"] == param
 
 
+async def test_text_routes_refuse_an_embeddings_model(eclient) -> None:  # noqa: ANN001
+    for path, body, fragment in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "does not do chat"),
+            ("/v1/completions", {"prompt": "x"}, "does not do text completions")):
+        resp = await eclient.post(path, json={"model": "emb", **body})
+        assert resp.status == 400, await resp.text()
+        err = (await resp.json())["error"]
+        assert err["param"] == "model" and fragment in err["message"] and err["code"] == "unsupported_for_model"
+
+
 async def test_concurrent_requests_are_batched_and_equal_sequential(eclient) -> None:  # noqa: ANN001
     texts = [f"the {w} {c}" for w in ("cat", "dog", "car", "kitten") for c in "abcde"]
     sequential = [(await (await eclient.post(E, json={"model": "emb", "input": t})).json())["data"][0]["embedding"]

@@ -13,7 +13,7 @@ from marshmallow import Schema
 
 from localai_aio import keys
 from localai_aio.config import ModelConfig
-from localai_aio.errors import InvalidRequest
+from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.middlewares import EXPECTS_JSON
 from localai_aio.registry import ModelRegistry
 from localai_aio.schemas import body_schema, route_summary
@@ -42,14 +42,26 @@ def registry(request: web.Request) -> ModelRegistry:
     return request.app[keys.REGISTRY]
 
 
+#: What a model that cannot serve a use case is told, by use case.
+CANNOT = {
+    "chat": "does not do chat completions", "completion": "does not do text completions",
+    "embeddings": "does not make embeddings (a GGUF model needs `embeddings: true` in its config)",
+    "tts": "does not make speech", "transcript": "does not transcribe audio", "image": "does not generate images",
+}
+
+
 def resolve_model(request: web.Request, name: Any, usecase: str) -> ModelConfig:
-    """The config for the request's ``model``; a missing model means the first one for ``usecase``."""
+    """The config for the request's ``model``, which must serve ``usecase`` (400 otherwise, before any
+    engine is loaded); a missing model means the first one for ``usecase``."""
     reg = registry(request)
     if name in (None, ""):
         return reg.first_model(usecase)
     if not isinstance(name, str):
         raise InvalidRequest("`model` must be a string", param="model")
-    return reg.config(name)
+    cfg = reg.config(name)
+    if usecase not in reg.usecases(cfg) and not cfg.error:  # a broken config gets its own clear load error
+        raise NotImplementedForModel(f"Model '{cfg.name}' {CANNOT[usecase]}", param="model")
+    return cfg
 
 
 def new_id(prefix: str) -> str:

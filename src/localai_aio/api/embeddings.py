@@ -15,9 +15,9 @@ import numpy as np
 from aiohttp import web
 
 from localai_aio import keys
-from localai_aio.api.common import json_route, registry, resolve_model
+from localai_aio.api.common import json_route, resolve_model
 from localai_aio.batching import MicroBatcher
-from localai_aio.errors import APIError, InvalidRequest, NotImplementedForModel
+from localai_aio.errors import APIError, InvalidRequest
 from localai_aio.runtime import run_blocking
 
 routes = web.RouteTableDef()
@@ -103,9 +103,6 @@ def _shape(vector: np.ndarray, dimensions: int | None, encoding: str) -> Any:
 async def embeddings(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "embeddings")
-    if "embeddings" not in registry(request).usecases(cfg):
-        raise NotImplementedForModel(f"Model '{cfg.name}' does not make embeddings (a GGUF model needs "
-                                     "`embeddings: true` in its config)", param="model")
     items = parse_inputs(body.get("input"), request.app[keys.SETTINGS].embeddings_max_inputs)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):

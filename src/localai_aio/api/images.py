@@ -22,8 +22,8 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.common import json_route, now, registry, resolve_model
-from localai_aio.errors import InvalidRequest, NotFound, NotImplementedForModel
+from localai_aio.api.common import json_route, now, resolve_model
+from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.runtime import CancelFlag, run_blocking
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,6 @@ def parse_size(value: Any, default: str, limit: int) -> tuple[int, int]:
 async def generate_images(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "image")
-    if "image" not in registry(request).usecases(cfg):
-        raise NotImplementedForModel(f"Model '{cfg.name}' does not generate images", param="model")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("'prompt' is required and must be a non-empty string", param="prompt")

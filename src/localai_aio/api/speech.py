@@ -19,7 +19,7 @@ from localai_aio import keys
 from localai_aio.api.common import json_route, registry, resolve_model
 from localai_aio.audio import FORMATS, AudioFormat, StreamEncoder
 from localai_aio.config import ModelConfig
-from localai_aio.errors import InvalidRequest, NotImplementedForModel
+from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import iterate_in_thread
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ def _tts_model(request: web.Request, model: Any, voice: Any) -> tuple[ModelConfi
         if "tts" in reg.usecases(candidate):
             return candidate, None
     cfg = resolve_model(request, model, "tts")
-    if "tts" not in reg.usecases(cfg):
-        raise NotImplementedForModel(f"Model '{cfg.name}' does not make speech", param="model")
     return cfg, voice if isinstance(voice, str) and voice else None
 
 

@@ -9,10 +9,10 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.common import registry, resolve_model
+from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio import UnreadableAudio, decode_audio
-from localai_aio.errors import InvalidRequest, NotImplementedForModel
+from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import CancelFlag, run_blocking
 
 routes = web.RouteTableDef()
@@ -78,8 +78,6 @@ async def _handle(request: web.Request, task: str) -> web.Response:
     if data is None:
         raise InvalidRequest("'file' is required", param="file")
     cfg = resolve_model(request, field("model"), "transcript")
-    if "transcript" not in registry(request).usecases(cfg):
-        raise NotImplementedForModel(f"Model '{cfg.name}' does not transcribe audio", param="model")
     fmt = field("response_format") or "json"
     if fmt not in FORMATS:
         raise InvalidRequest(f"Invalid value for 'response_format': {fmt!r}; one of {', '.join(FORMATS)}",

@@ -62,7 +62,7 @@ def infer_backend(cfg: ModelConfig) -> str | None:
     path = cfg.model_path
     if path is None:
         return None
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf":
         return "llama-cpp"
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
