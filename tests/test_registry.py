@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -56,18 +55,17 @@ class RecordingBackend:
 def make_registry(backend: RecordingBackend, names=("a", "b", "c"), parallel: int = 1,  # noqa: ANN001
                   **settings: object) -> ModelRegistry:
     configs = {n: ModelConfig(name=n, backend="test", model_path=None, parallel=parallel) for n in names}
-    return ModelRegistry(configs, ServerSettings(**settings), backends={"test": backend},
-                         executor=ThreadPoolExecutor(8, thread_name_prefix="worker"), metrics=Metrics())
+    return ModelRegistry(configs, ServerSettings(**settings), backends={"test": backend}, metrics=Metrics())
 
 
 async def test_lazy_and_off_the_event_loop() -> None:
     backend = RecordingBackend()
     reg = make_registry(backend)
     assert backend.loads == [] and reg.loaded_names() == []
-    async with reg.acquire("a") as engine:
-        assert engine.number == 1
+    async with reg.acquire("a") as handle:
+        assert handle.engine.number == 1
     assert backend.loads == ["a"] and reg.loaded_names() == ["a"]
-    assert all(name.startswith("worker") for name in backend.threads)
+    assert backend.threads == {"engine-a-0"}  # the instance's own thread, not the event loop's
 
 
 async def test_loaded_once_for_concurrent_requests() -> None:
@@ -75,9 +73,9 @@ async def test_loaded_once_for_concurrent_requests() -> None:
     reg = make_registry(backend, queue_size=20)
 
     async def use() -> int:
-        async with reg.acquire("a") as engine:
+        async with reg.acquire("a") as handle:
             await asyncio.sleep(0.01)
-            return engine.number
+            return handle.engine.number
 
     numbers = await asyncio.gather(*(use() for _ in range(10)))
     assert backend.loads == ["a"]
@@ -88,7 +86,7 @@ async def test_pool_of_parallel_instances() -> None:
     backend = RecordingBackend()
     reg = make_registry(backend, parallel=2)
     async with reg.acquire("a") as first, reg.acquire("a") as second:
-        assert {first.number, second.number} == {1, 2}
+        assert {first.engine.number, second.engine.number} == {1, 2}
     assert backend.loads == ["a", "a"]
 
 
@@ -172,8 +170,8 @@ async def test_failed_load_is_retried_on_next_request() -> None:
     with pytest.raises(ModelLoadFailed, match="Model 'a' cannot be loaded: file is damaged"):
         async with reg.acquire("a"):
             pass
-    async with reg.acquire("a") as engine:
-        assert engine.number == 1
+    async with reg.acquire("a") as handle:
+        assert handle.engine.number == 1
 
 
 async def test_unexpected_load_exception_is_a_clear_load_error() -> None:

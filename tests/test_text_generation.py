@@ -37,7 +37,7 @@ async def test_chat_greedy_length_and_exact_usage(client, model: str) -> None:  
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " Hello world! Hello world"},
                                 "logprobs": None, "finish_reason": "length"}]
     assert body["usage"] == {"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 5,
-                             "total_tokens": HI_PROMPT_TOKENS + 5}
+                             "total_tokens": HI_PROMPT_TOKENS + 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @BOTH
@@ -64,7 +64,10 @@ async def test_stream_equals_non_stream_and_chunk_sequence(client, model: str) -
     assert first["choices"][0]["finish_reason"] is None
     assert all(e["choices"][0]["finish_reason"] is None for e in middle)
     assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
-    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+    # The second request finds the same prompt cached (llama-cpp's prompt cache; all but the last token).
+    cached = HI_PROMPT_TOKENS - 1 if model == "tiny-llama" else 0
+    assert usage["choices"] == [] and usage["usage"] == {**plain["usage"],
+                                                         "prompt_tokens_details": {"cached_tokens": cached}}
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in [first, *middle])
     assert text == plain["choices"][0]["message"]["content"] == " Hello world! Hello world! Hello"
     assert len(middle) == 7  # one chunk per token
@@ -103,7 +106,7 @@ async def test_n_choices(client, model: str) -> None:  # noqa: ANN001
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert [c["message"]["content"] for c in body["choices"]] == [" Hello world!"] * 2
     assert body["usage"] == {"prompt_tokens": HI_PROMPT_TOKENS, "completion_tokens": 6,
-                             "total_tokens": HI_PROMPT_TOKENS + 6}
+                             "total_tokens": HI_PROMPT_TOKENS + 6, "prompt_tokens_details": {"cached_tokens": 0}}
     events = await sse_events(await client.post(CHAT, json={**request, "stream": True}))
     for index in (0, 1):
         mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
@@ -297,7 +300,8 @@ async def test_completion_shapes(client, model: str) -> None:  # noqa: ANN001
     body = await resp.json()
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["choices"] == [{"text": " Hello world!", "index": 0, "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @BOTH

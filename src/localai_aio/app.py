@@ -52,8 +52,9 @@ def _check_config_dir(path: Path) -> None:
 
 
 async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
-    # Streams hold a worker for their whole length, so the pool is sized for many at once.
-    executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="localai-worker")
+    # Blocking work that is not an engine's (file I/O, the store, audio decoding); engines have their own
+    # threads (registry.EngineHandle).
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="localai-worker")
     app[keys.EXECUTOR] = executor
     yield
     executor.shutdown(wait=True, cancel_futures=True)
@@ -71,9 +72,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    reg = ModelRegistry(app[keys.MODEL_CONFIGS], settings, backends=app[keys.BACKENDS],
-                        executor=app[keys.EXECUTOR], metrics=app[keys.METRICS])
+    reg = ModelRegistry(app[keys.MODEL_CONFIGS], settings, backends=app[keys.BACKENDS], metrics=app[keys.METRICS])
     app[keys.REGISTRY] = reg
+    app[keys.METRICS].watch_engines(reg.load_reports)
     watchdog = asyncio.create_task(reg.watchdog()) if settings.idle_timeout else None
     preload = asyncio.create_task(_preload(reg, settings.preload_models))
     cleanup = asyncio.create_task(images.cleanup_loop(app))

@@ -66,6 +66,13 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _at_least_one(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    return number
+
+
 def _positive_float(value: Any) -> float:
     number = float(value)
     if number < 0:
@@ -105,6 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", max(1, os.cpu_count() or 1), _positive_int,
             "Default CPU threads per model instance (a model's YAML `threads` overrides it).",
             ("LOCALAI_THREADS",), "N"),
+    Setting("parallel", 4, _at_least_one,
+            "Requests one llama-cpp model serves at once (sequence slots in one context, one copy of the "
+            "weights); a model's YAML `parallel` overrides it. Other backends load `parallel` instances, "
+            "1 unless their YAML says otherwise.", ("LOCALAI_PARALLEL",), "N"),
     Setting("context_size", 2048, _positive_int,
             "Default context size in tokens (a model's YAML `context_size` overrides it).",
             ("LOCALAI_CONTEXT_SIZE",), "N"),
@@ -160,6 +171,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     config_dir: str = "data"
     threads: int = 1
+    parallel: int = 4
     context_size: int = 2048
     upload_limit: float = 15
     cors: bool = False
@@ -263,7 +275,7 @@ KNOWN_MODEL_KEYS = frozenset({
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
 })
 BACKEND_OPTION_KEYS = frozenset({
-    "providers", "spinning", "mmap", "lib",  # engines
+    "providers", "spinning", "mmap", "lib", "extra_buffers",  # engines
     "pooling", "normalize", "max_length",  # onnx-embeddings
     "voices",  # piper
     "scheduler", "step", "steps", "guidance_scale", "cfg_scale", "size",  # onnx-diffusion
@@ -280,7 +292,7 @@ class ModelConfig:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     context_size: int | None = None
     threads: int | None = None
-    parallel: int = 1
+    parallel: int | None = None  # None: the server's default (llama-cpp slots) or 1 instance (others)
     seed: int | None = None
     template: Mapping[str, Any] = field(default_factory=dict)
     stopwords: tuple[str, ...] = ()
@@ -332,9 +344,9 @@ def _model_from_yaml(data: dict[str, Any], source: Path, models_path: Path) -> M
     stopwords = data.get("stopwords") or ()
     if isinstance(stopwords, str):
         stopwords = (stopwords,)
-    parallel = int(data.get("parallel") or 1)
-    if parallel < 1:
-        raise ConfigError("`parallel` must be at least 1")
+    parallel = data.get("parallel")
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise ConfigError("`parallel` must be a whole number of at least 1")
     extra = {k: v for k, v in data.items() if k not in KNOWN_MODEL_KEYS}
     return ModelConfig(
         name=name.strip(), backend=data.get("backend"), model_path=path, parameters=dict(params),

@@ -8,15 +8,15 @@ here, once, so the two engines cannot disagree.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from localai_aio.backends.gguf_info import GGUFInfo
 from localai_aio.errors import ContextLengthExceeded, InvalidRequest, NotImplementedForModel
-from localai_aio.runtime import CancelFlag
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16
@@ -45,13 +45,63 @@ class GenParams:
 
 @dataclass(frozen=True)
 class TokenStep:
+    """One generated token, with its bytes (looked up on the engine's thread) and, when asked, logprobs."""
+
     token: int
+    piece: bytes
     logprob: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class SeqEnd:
+    """A choice ended in the engine: ``"stop"`` (end of generation token) or ``"length"`` (its budget)."""
+
+    reason: str
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused instead of computed
+
+
+class TokenStream:
+    """One request's token events, handed from the engine's thread to the event loop.
+
+    The engine side calls ``push``/``fail`` and asks ``wanted(i)`` before every token: the event loop
+    side marks a choice done (a stop string was reached) or the whole request cancelled (the client
+    left), and the engine drops it within one step.
+    """
+
+    def __init__(self, choices: int):
+        self.loop = asyncio.get_running_loop()
+        self.choices = choices
+        self._queue: asyncio.Queue[tuple[int, TokenStep | SeqEnd | BaseException]] = asyncio.Queue()
+        self._done = [False] * choices
+        self.cancelled = False
+
+    # -- engine thread --
+    def wanted(self, index: int) -> bool:
+        return not self.cancelled and not self._done[index]
+
+    def push(self, index: int, item: TokenStep | SeqEnd) -> None:
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+
+    def fail(self, exc: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, (-1, exc))
+
+    # -- event loop --
+    def finish(self, index: int) -> None:
+        self._done[index] = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def get(self) -> tuple[int, TokenStep | SeqEnd]:
+        index, item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return index, item
 
 
 class TextEngine(Protocol):
-    """What a GGUF backend's instance offers the generation loop."""
+    """What a GGUF backend's instance offers the API; every method runs on the engine's own thread."""
 
     n_ctx: int
     n_vocab: int
@@ -63,11 +113,11 @@ class TextEngine(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
-    def is_eog(self, token: int) -> bool: ...
-
     def check_grammar(self, grammar: str) -> str | None: ...
 
-    def generate(self, prompt: Sequence[int], params: GenParams) -> Iterator[TokenStep]: ...
+    def start(self, prompt: Sequence[int], params: Sequence[GenParams], stream: TokenStream) -> None:
+        """Generate one choice per ``params`` entry for ``prompt``, reporting into ``stream``. A batching
+        engine queues the work and returns; a sequential one generates before it returns."""
 
 
 @dataclass
@@ -92,6 +142,7 @@ class Finish:
     index: int
     reason: str  # "stop" | "length"
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 class StopMatcher:
@@ -127,14 +178,12 @@ class StopMatcher:
         return out
 
 
-def _token_logprob(engine: TextEngine, step: TokenStep) -> TokenLogprob:
-    def entry(token: int, logprob: float) -> dict[str, Any]:
-        raw = engine.token_bytes(token)
+def _token_logprob(step: TokenStep) -> TokenLogprob:
+    def entry(raw: bytes, logprob: float) -> dict[str, Any]:
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
-    raw = engine.token_bytes(step.token)
-    return TokenLogprob(token=raw.decode("utf-8", "replace"), logprob=float(step.logprob or 0.0),
-                        bytes=list(raw), top_logprobs=[entry(t, lp) for t, lp in step.top])
+    return TokenLogprob(token=step.piece.decode("utf-8", "replace"), logprob=float(step.logprob or 0.0),
+                        bytes=list(step.piece), top_logprobs=[entry(raw, lp) for raw, lp in step.top])
 
 
 def check_prompt_fits(engine: TextEngine, prompt: Sequence[int]) -> None:
@@ -157,46 +206,68 @@ def check_capabilities(engine: TextEngine, params: GenParams, backend: str) -> N
         raise NotImplementedForModel(f"The '{backend}' backend does not report logprobs", param="logprobs")
 
 
-def generate_choice(engine: TextEngine, prompt: Sequence[int], params: GenParams, index: int,
-                    cancel: CancelFlag) -> Iterator[Piece | Finish]:
-    """Generate one choice; yields ``Piece``s then exactly one ``Finish``."""
-    budget = engine.n_ctx - len(prompt)
-    if params.max_tokens is not None:
-        budget = min(budget, params.max_tokens)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stopper = StopMatcher(params.stop)
-    count = 0
-    reason = "stop"
-    if budget <= 0:
-        yield Finish(index, "length", 0)
-        return
-    steps = engine.generate(prompt, params)
-    try:
-        for step in steps:
-            if cancel.is_set():
-                break
-            if engine.is_eog(step.token) and not params.ignore_eos:
-                break
-            count += 1
-            text, hit = stopper.feed(decoder.decode(engine.token_bytes(step.token)))
-            logprobs = [_token_logprob(engine, step)] if params.logprobs is not None else []
-            if text or logprobs:
-                yield Piece(index, text, logprobs)
-            if hit:
-                yield Finish(index, "stop", count)
-                return
-            if count >= budget:
-                reason = "length"
-                break
-    finally:
-        close = getattr(steps, "close", None)
-        if close is not None:
-            close()
-    tail, hit = stopper.feed(decoder.decode(b"", final=True))
-    tail += "" if hit else stopper.flush()
-    if tail:
-        yield Piece(index, tail)
-    yield Finish(index, "stop" if hit else reason, count)
+def token_budget(n_ctx: int, prompt_len: int, params: GenParams) -> int:
+    """How many tokens a choice may generate: ``max_tokens``, and never past the context."""
+    budget = n_ctx - prompt_len
+    return budget if params.max_tokens is None else min(budget, params.max_tokens)
+
+
+class ChoiceText:
+    """Turns one choice's token events into text: incremental UTF-8, stop strings, logprobs, counts."""
+
+    def __init__(self, index: int, params: GenParams):
+        self.index = index
+        self.params = params
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stopper = StopMatcher(params.stop)
+        self.count = 0
+        self.done = False
+
+    def feed(self, step: TokenStep) -> list[Piece | Finish]:
+        """The events for one token; a reached stop string ends the choice (``done``)."""
+        self.count += 1
+        text, hit = self.stopper.feed(self.decoder.decode(step.piece))
+        logprobs = [_token_logprob(step)] if self.params.logprobs is not None else []
+        out: list[Piece | Finish] = [Piece(self.index, text, logprobs)] if text or logprobs else []
+        if hit:
+            self.done = True
+            out.append(Finish(self.index, "stop", self.count))
+        return out
+
+    def end(self, end: SeqEnd) -> list[Piece | Finish]:
+        self.done = True
+        tail, hit = self.stopper.feed(self.decoder.decode(b"", final=True))
+        tail += "" if hit else self.stopper.flush()
+        out: list[Piece | Finish] = [Piece(self.index, tail)] if tail else []
+        out.append(Finish(self.index, "stop" if hit else end.reason, self.count, end.cached_tokens))
+        return out
+
+
+def generate_sequentially(engine: Any, prompt: Sequence[int], params: Sequence[GenParams],
+                          stream: TokenStream) -> None:
+    """For engines that cannot batch: the choices one after another, on the engine's thread.
+
+    ``engine.generate(prompt, params)`` yields token ids; end of generation and the budget are
+    decided here, as the batching engine decides them in its own loop.
+    """
+    for index, choice in enumerate(params):
+        budget = token_budget(engine.n_ctx, len(prompt), choice)
+        count = 0
+        reason = "stop" if budget > 0 else "length"  # an engine that ends by itself has met its end token
+        if budget > 0 and stream.wanted(index):
+            steps = engine.generate(prompt, choice)
+            try:
+                for token in steps:
+                    if not stream.wanted(index) or (engine.is_eog(token) and not choice.ignore_eos):
+                        break
+                    stream.push(index, TokenStep(token, engine.token_bytes(token)))
+                    count += 1
+                    if count >= budget:
+                        reason = "length"
+                        break
+            finally:
+                steps.close()
+        stream.push(index, SeqEnd(reason))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -25,5 +28,46 @@ class Metrics:
         self.tts_sentences = Counter("localai_tts_sentences", "Sentences synthesized and sent, per model", ["model"],
                                      registry=self.registry)
 
+    def watch_engines(self, reports: Callable[[], Mapping[str, Mapping[str, float]]]) -> None:
+        """Report the engines' own state (slots, queue, token rates), read at each scrape."""
+        self.registry.register(_EngineCollector(reports))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    GAUGES = {
+        "busy": ("localai_model_slots_busy", "Requests a loaded model is running now"),
+        "queued": ("localai_model_queue_length", "Requests waiting for a loaded model"),
+        "slots": ("localai_model_slots", "Requests a loaded model can run at once"),
+        "prompt_tokens_per_second": ("localai_prompt_tokens_per_second",
+                                     "Prompt tokens computed per second, over the last 10 s"),
+        "generated_tokens_per_second": ("localai_generation_tokens_per_second",
+                                        "Tokens generated per second, over the last 10 s"),
+    }
+    COUNTERS = {
+        "prompt_tokens": ("localai_prompt_tokens_computed", "Prompt tokens computed (not taken from the cache)"),
+        "cached_tokens": ("localai_prompt_tokens_cached", "Prompt tokens reused from the prompt cache"),
+    }
+
+    def __init__(self, reports: Callable[[], Mapping[str, Mapping[str, float]]]):
+        self.reports = reports
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        reports = self.reports()
+        for key, (name, doc) in self.GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, report in reports.items():
+                if key in report:
+                    family.add_metric([model], report[key])
+            yield family
+        for key, (name, doc) in self.COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=["model"])
+            for model, report in reports.items():
+                if key in report:
+                    family.add_metric([model], report[key])
+            yield family

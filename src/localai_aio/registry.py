@@ -1,14 +1,17 @@
 """The model registry: name -> config -> loaded engine instances, shared by every API family.
 
 Why it is shaped this way:
-- Loads are lazy, run in the thread pool, and happen at most once however many requests arrive
-  together (one shared load task per model; the first requester leaving does not cancel it).
-- Each model has a pool of ``parallel`` engine instances; one request holds one instance, because
-  GGUF engines crash when one instance is used from two threads. Requests beyond the pool wait in
-  a bounded queue, then get 503 with ``Retry-After``.
+- Loads are lazy and happen at most once however many requests arrive together (one shared load
+  task per model; the first requester leaving does not cancel it).
+- Every engine instance gets its own thread for its whole life (``EngineThread``): its load, every
+  call and its close run there, because llama.cpp's OpenMP teams belong to the calling thread and
+  GGUF engines crash when one instance is used from two threads. ``acquire`` hands out an
+  ``EngineHandle``: the instance plus the way to run calls on its thread.
+- A batching backend (llama-cpp) is loaded once and its handle is shared by up to ``parallel``
+  requests, which its own loop runs together. Other backends get ``parallel`` instances, one request
+  each. Either way requests beyond ``parallel`` wait in a bounded queue, then get 503 with
+  ``Retry-After``.
 - ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
-- A later continuous-batching engine can expose one instance that accepts many requests at once by
-  reporting a larger ``slots`` count; the pool logic stays as it is.
 """
 
 from __future__ import annotations
@@ -17,18 +20,42 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from localai_aio.backends import CONCURRENT_BACKENDS
 from localai_aio.backends.base import Backend, BackendError, infer_backend
 from localai_aio.config import ModelConfig, ServerSettings
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
-from localai_aio.runtime import run_blocking
+from localai_aio.runtime import CancelFlag, EngineThread, iterate_in_thread, run_blocking
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    """A loaded engine instance and the thread that owns it: every call into it goes through here."""
+
+    engine: Any
+    thread: EngineThread
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` (a method of the engine, or a function that uses it) on the engine's thread."""
+        return await run_blocking(self.thread, fn, *args, **kwargs)
+
+    def iterate(self, make_iter: Callable[[CancelFlag], Iterator[Any]], *, maxsize: int = 0) -> AsyncIterator[Any]:
+        """A blocking generator consumed on the engine's thread, its items handed to the event loop."""
+        return iterate_in_thread(self.thread, make_iter, maxsize=maxsize)
+
+    async def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        try:
+            if close is not None:
+                await self.run(close)
+        finally:
+            self.thread.shutdown(wait=False)
 
 
 @dataclass
@@ -36,8 +63,10 @@ class _Slot:
     """Runtime state of one configured model."""
 
     cfg: ModelConfig
-    instances: list[Any] = field(default_factory=list)
-    free: list[Any] = field(default_factory=list)
+    parallel: int = 1  # requests served at once
+    shared: bool = False  # one batching instance serves them all
+    instances: list[EngineHandle] = field(default_factory=list)
+    free: list[EngineHandle] = field(default_factory=list)
     users: int = 0  # requests inside acquire(): waiting, loading or running
     last_used: float = 0.0
     loading: asyncio.Future[None] | None = None
@@ -50,13 +79,14 @@ class _Slot:
 
 class ModelRegistry:
     def __init__(self, configs: Mapping[str, ModelConfig], settings: ServerSettings, *,
-                 backends: Mapping[str, Backend], executor: Executor | None = None,
-                 metrics: Metrics | None = None):
+                 backends: Mapping[str, Backend], metrics: Metrics | None = None):
         self.settings = settings
         self._backends = dict(backends)
-        self._executor = executor
         self._metrics = metrics
-        self._slots: dict[str, _Slot] = {name: _Slot(cfg) for name, cfg in configs.items()}
+        self._slots: dict[str, _Slot] = {}
+        for name, cfg in configs.items():
+            shared = self.backend_name(cfg) in CONCURRENT_BACKENDS
+            self._slots[name] = _Slot(cfg, cfg.parallel or (settings.parallel if shared else 1), shared)
         self._aliases: dict[str, str] = {}
         for name, cfg in configs.items():
             for alias in cfg.aliases:
@@ -105,13 +135,26 @@ class ModelRegistry:
     def loaded_names(self) -> list[str]:
         return [name for name, slot in self._slots.items() if slot.loaded]
 
+    def load_reports(self) -> dict[str, dict[str, float]]:
+        """Per loaded model: requests running and waiting, and a batching engine's token counters."""
+        reports = {}
+        for name, slot in self._slots.items():
+            if not slot.loaded:
+                continue
+            if slot.shared:
+                reports[name] = dict(slot.instances[0].engine.load_report())
+            else:
+                busy = len(slot.instances) - len(slot.free)
+                reports[name] = {"busy": busy, "queued": max(0, slot.users - busy)}
+        return reports
+
     # -- use ----------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def acquire(self, name: str) -> AsyncIterator[Any]:
-        """Hold one engine instance of ``name`` for the duration of the block."""
+    async def acquire(self, name: str) -> AsyncIterator[EngineHandle]:
+        """Hold an engine instance of ``name`` for the duration of the block (shared, for a batching one)."""
         slot = self._slots[self.config(name).name]
-        capacity = slot.cfg.parallel + self.settings.queue_size
+        capacity = slot.parallel + self.settings.queue_size
         if slot.users >= capacity:
             raise ServerBusy(f"Model '{slot.cfg.name}' is busy: {slot.users} requests are already "
                              "running or waiting; retry later", retry_after=1)
@@ -119,6 +162,11 @@ class ModelRegistry:
         engine = None
         try:
             await self._ensure_loaded(slot)
+            if slot.shared:
+                if not slot.instances:
+                    raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
+                yield slot.instances[0]
+                return
             async with slot.cond:
                 await slot.cond.wait_for(lambda: bool(slot.free) or not slot.loaded)
                 if not slot.loaded:  # unloaded while we waited (only on shutdown)
@@ -162,11 +210,13 @@ class ModelRegistry:
                                   param="model")
         await self._make_room(slot)
         started = time.monotonic()
-        log.info("loading model %s (backend %s, %d instance(s))", cfg.name, backend_name, cfg.parallel)
-        instances: list[Any] = []
+        count = 1 if slot.shared else slot.parallel
+        log.info("loading model %s (backend %s, %d instance(s), %d request(s) at once)", cfg.name, backend_name,
+                 count, slot.parallel)
+        instances: list[EngineHandle] = []
         try:
-            for _ in range(cfg.parallel):
-                instances.append(await run_blocking(self._executor, backend, cfg, self.settings))
+            for i in range(count):
+                instances.append(await self._load_instance(backend, cfg, f"engine-{cfg.name}-{i}"[:60]))
         except BackendError as exc:
             await self._close_all(instances)
             log.error("loading model %s failed: %s", cfg.name, exc)
@@ -186,6 +236,21 @@ class ModelRegistry:
         if self._metrics:
             self._metrics.model_loads.labels(cfg.name).observe(elapsed)
             self._metrics.loaded_models.set(len(self.loaded_names()))
+
+    async def _load_instance(self, backend: Backend, cfg: ModelConfig, thread_name: str) -> EngineHandle:
+        thread = EngineThread(thread_name)
+
+        def load() -> Any:
+            engine = backend(cfg, self.settings)
+            if hasattr(engine, "step"):
+                thread.attach(engine)  # the thread now runs the engine's own loop between calls
+            return engine
+
+        try:
+            return EngineHandle(await run_blocking(thread, load), thread)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
 
     async def _make_room(self, slot: _Slot) -> None:
         limit = self.settings.max_loaded_models
@@ -214,14 +279,12 @@ class ModelRegistry:
         if self._metrics:
             self._metrics.loaded_models.set(len(self.loaded_names()))
 
-    async def _close_all(self, instances: list[Any]) -> None:
-        for engine in instances:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                try:
-                    await run_blocking(self._executor, close)
-                except Exception:
-                    log.exception("closing an engine failed")
+    async def _close_all(self, instances: list[EngineHandle]) -> None:
+        for handle in instances:
+            try:
+                await handle.close()
+            except Exception:
+                log.exception("closing an engine failed")
 
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload models unused for ``idle_timeout`` seconds; returns their names."""

@@ -1,5 +1,12 @@
 """Running blocking work (model loads, inference, file I/O) off the event loop.
 
+``EngineThread`` is the one thread that owns one engine instance: llama.cpp parallelises with OpenMP,
+whose thread team belongs to the calling thread, so a model called from whichever pool worker is free
+builds a team per worker and the teams fight over the cores (half speed after a few requests). Every
+call into an engine (load, tokenize, generate, embed, close) therefore runs on its own thread, in
+order; an engine with a scheduling loop of its own (``busy``/``step``) has its steps run there too,
+with the queued calls taken between steps.
+
 ``iterate_in_thread`` is how a token stream crosses from an engine's worker thread to the event loop:
 the generator is consumed entirely inside the worker; items are handed over one by one; when the
 consumer goes away (client disconnect, handler cancelled) a flag is set that the worker checks
@@ -13,14 +20,88 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import logging
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 _DONE = object()
+_STOP = object()
+#: Calls taken between two steps of a busy engine, so that a burst of calls cannot stall its streams.
+_CALLS_PER_STEP = 8
+
+
+class Stepper(Protocol):
+    """An engine that runs its own loop: ``step`` is called on its thread for as long as ``busy``."""
+
+    def busy(self) -> bool: ...
+
+    def step(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class EngineThread(Executor):
+    """A single-thread executor dedicated to one engine instance for its whole life."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stepper: Stepper | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def attach(self, stepper: Stepper) -> None:
+        """Called on this thread by an engine whose steps this thread should run."""
+        self._stepper = stepper
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RuntimeError("the engine thread has been shut down")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._calls.put(_STOP)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            stepper = self._stepper
+            busy = stepper is not None and stepper.busy()
+            for _ in range(_CALLS_PER_STEP if busy else 1):
+                try:
+                    item = self._calls.get(block=not busy)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    return
+                future, fn, args, kwargs = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+            if busy and stepper is not None:
+                try:
+                    stepper.step()
+                except BaseException as exc:  # a bug in a step must not kill the thread: its requests fail
+                    log.exception("an engine step failed")
+                    stepper.fail(exc)
 
 
 class _Abandoned(Exception):

@@ -18,7 +18,6 @@ from localai_aio import keys
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.batching import MicroBatcher
 from localai_aio.errors import APIError, InvalidRequest
-from localai_aio.runtime import run_blocking
 
 routes = web.RouteTableDef()
 
@@ -78,8 +77,8 @@ def batcher_for(request: web.Request, model: str) -> MicroBatcher:
 
         async def run(items: list[Item]) -> list[Any]:
             started = time.perf_counter()
-            async with app[keys.REGISTRY].acquire(model) as engine:
-                results = await run_blocking(app[keys.EXECUTOR], _embed_items, engine, items)
+            async with app[keys.REGISTRY].acquire(model) as handle:
+                results = await handle.run(_embed_items, handle.engine, items)
             app[keys.METRICS].inference.labels(model, "embeddings").observe(time.perf_counter() - started)
             return results
 

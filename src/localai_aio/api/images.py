@@ -119,10 +119,10 @@ async def generate_images(request: web.Request) -> web.Response:
     width, height = parse_size(body.get("size"), default_size, settings.image_max_size)
     executor = request.app[keys.EXECUTOR]
     started = time.perf_counter()
-    async with request.app[keys.REGISTRY].acquire(cfg.name) as engine:
+    async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
         cancel = CancelFlag()
-        job = asyncio.ensure_future(run_blocking(
-            executor, engine.generate, prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
+        job = asyncio.ensure_future(handle.run(
+            handle.engine.generate, prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
             steps=steps, seed=seed, clip_skip=clip_skip, cancel=cancel))
         try:
             pngs = await asyncio.shield(job)

@@ -20,7 +20,6 @@ from localai_aio.api.common import json_route, registry, resolve_model
 from localai_aio.audio import FORMATS, AudioFormat, StreamEncoder
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
-from localai_aio.runtime import iterate_in_thread
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -59,9 +58,9 @@ def _tts_model(request: web.Request, model: Any, voice: Any) -> tuple[ModelConfi
 async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str | None, speed: float,
                 fmt: AudioFormat, rate: int | None) -> web.StreamResponse:
     app = request.app
-    executor = app[keys.EXECUTOR]
     started = time.perf_counter()
-    async with app[keys.REGISTRY].acquire(cfg.name) as engine:
+    async with app[keys.REGISTRY].acquire(cfg.name) as handle:
+        engine = handle.engine
         from localai_aio.backends.piper_tts import UnknownVoice
 
         try:
@@ -79,7 +78,7 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
                 yield encoder.feed(samples)
             yield encoder.finish()
 
-        chunks = iterate_in_thread(executor, encoded, maxsize=2)
+        chunks = handle.iterate(encoded, maxsize=2)
         try:
             await response.prepare(request)
             async for data in chunks:

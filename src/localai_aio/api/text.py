@@ -1,5 +1,5 @@
-"""Serving text generation for chat and completions: hold an engine instance, run the choices in a
-worker thread, and answer as one JSON body or as an SSE stream.
+"""Serving text generation for chat and completions: hold an engine, hand it the choices, and answer
+as one JSON body or as an SSE stream while the engine's thread produces tokens.
 
 Chat and completions differ only in how a prompt is built and how a piece of text is shaped in the
 response; they pass those in as a ``TextFormat``. Everything else (engine acquisition, the worker,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,16 +21,18 @@ from localai_aio import keys
 from localai_aio.config import ModelConfig
 from localai_aio.errors import APIError, InternalError
 from localai_aio.generation import (
+    ChoiceText,
     Finish,
     GenParams,
     Piece,
+    SeqEnd,
     TextEngine,
     TokenLogprob,
+    TokenStream,
     check_capabilities,
     check_prompt_fits,
-    generate_choice,
 )
-from localai_aio.runtime import CancelFlag, iterate_in_thread, run_blocking
+from localai_aio.registry import EngineHandle
 from localai_aio.sse import EventStream
 
 log = logging.getLogger(__name__)
@@ -74,28 +76,67 @@ def _prepare(engine: TextEngine, job: TextJob) -> list[list[int]]:
     return prompts
 
 
-def _generate_all(engine: TextEngine, prompts: list[list[int]], job: TextJob, cancel: CancelFlag):  # noqa: ANN202
-    for p, prompt in enumerate(prompts):
-        for i in range(job.n):
-            if cancel.is_set():
-                return
-            yield from generate_choice(engine, prompt, job.params.for_choice(i), p * job.n + i, cancel)
+def _start(engine: TextEngine, prompt: list[int], params: list[GenParams], stream: TokenStream) -> None:
+    """On the engine's thread: hand the choices to the engine; an error reaches the stream's reader."""
+    try:
+        engine.start(prompt, params, stream)
+    except BaseException as exc:
+        stream.fail(exc)
+
+
+async def _events(handle: EngineHandle, prompts: list[list[int]], job: TextJob,
+                  cached: list[int]) -> AsyncIterator[Piece | Finish]:
+    """Every choice of every prompt, as text events in the order the engine produces them.
+
+    A batching engine runs the prompts' choices together; a sequential one runs them in order on its
+    thread. When the consumer leaves, the streams are cancelled and the engine drops them within one
+    step; a sequential engine's work is awaited so its instance is idle before it is handed back.
+    """
+    choices = [job.params.for_choice(i) for i in range(job.n)]
+    streams = [TokenStream(job.n) for _ in prompts]
+    texts = [[ChoiceText(p * job.n + i, choices[i]) for i in range(job.n)] for p in range(len(prompts))]
+    works = [handle.thread.submit(_start, handle.engine, prompt, choices, stream)
+             for prompt, stream in zip(prompts, streams, strict=True)]
+    try:
+        for p, stream in enumerate(streams):  # prompts one after another; a prompt's choices interleave
+            open_choices = job.n
+            while open_choices:
+                index, item = await stream.get()
+                text = texts[p][index]
+                if text.done:
+                    continue
+                if isinstance(item, SeqEnd):
+                    events = text.end(item)
+                    if index == 0:
+                        cached[p] = item.cached_tokens
+                else:
+                    events = text.feed(item)
+                    if text.done:
+                        stream.finish(index)  # a stop string: the engine drops the choice
+                for event in events:
+                    yield event
+                open_choices -= text.done
+    finally:
+        for stream in streams:
+            stream.cancel()
+        for work in works:
+            await asyncio.shield(asyncio.wrap_future(work))
 
 
 async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, response_id: str,
                      created: int) -> web.StreamResponse:
     app = request.app
-    executor = app[keys.EXECUTOR]
     metrics = app[keys.METRICS]
     model_name = request["data"].get("model") or job.cfg.name
     envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name}
     started = time.perf_counter()
     completion_tokens = 0
-    async with app[keys.REGISTRY].acquire(job.cfg.name) as engine:
-        prompts = await run_blocking(executor, _prepare, engine, job)
+    async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
+        prompts = await handle.run(_prepare, handle.engine, job)
         prompt_tokens = sum(len(p) for p in prompts)
+        cached = [0] * len(prompts)
         indexes = list(range(len(prompts) * job.n))
-        events = iterate_in_thread(executor, lambda cancel: _generate_all(engine, prompts, job, cancel))
+        events = _events(handle, prompts, job, cached)
         try:
             if job.stream:
                 stream = EventStream(request)
@@ -118,7 +159,7 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
                             await stream.send(_with(envelope, chunk, job))
                     if job.include_usage:
                         await stream.send({**envelope, "choices": [],
-                                           "usage": _usage(prompt_tokens, completion_tokens)})
+                                           "usage": _usage(prompt_tokens, completion_tokens, sum(cached))})
                     return await stream.done()
                 except (ConnectionResetError, asyncio.CancelledError):
                     log.info("client left during a stream of %s; generation stopped", job.cfg.name)
@@ -150,7 +191,7 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
         choices.append(fmt.choice(i, prefix + "".join(texts[i]), logprobs[i] if job.want_logprobs else None,
                                   reasons.get(i, "stop")))
     body = {"id": response_id, "object": fmt.object_name, "created": created, "model": model_name,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, sum(cached))}
     return web.json_response(body)
 
 
@@ -161,9 +202,10 @@ def _with(envelope: dict[str, Any], choice: dict[str, Any], job: TextJob) -> dic
     return out
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def stream_options(body: dict[str, Any]) -> bool:

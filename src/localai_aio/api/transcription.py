@@ -101,14 +101,15 @@ async def _handle(request: web.Request, task: str) -> web.Response:
     except UnreadableAudio as exc:
         raise InvalidRequest(f"Unreadable audio: {exc}", param="file") from None
     started = time.perf_counter()
-    async with request.app[keys.REGISTRY].acquire(cfg.name) as engine:
+    async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
+        engine = handle.engine
         if language is not None and engine.multilingual and language not in engine.languages:
             raise InvalidRequest(f"Unknown language '{language}'; use an ISO 639-1 code such as 'en'",
                                  param="language")
         cancel = CancelFlag()
         try:
-            result = await run_blocking(executor, engine.transcribe, audio, language=language, task=task,
-                                        prompt=field("prompt"), temperature=temperature, cancel=cancel)
+            result = await handle.run(engine.transcribe, audio, language=language, task=task,
+                                      prompt=field("prompt"), temperature=temperature, cancel=cancel)
         finally:
             cancel.set()
             request.app[keys.METRICS].inference.labels(cfg.name, task).observe(time.perf_counter() - started)

@@ -21,6 +21,9 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
     "onnx-whisper": ("localai_aio.backends.onnx_whisper", "stt"),
 }
 
+#: Backends whose one instance serves many requests at once (continuous batching).
+CONCURRENT_BACKENDS = frozenset({"llama-cpp"})
+
 
 def _lazy(module: str, extra: str) -> Backend:
     def load(cfg, settings):  # noqa: ANN001, ANN202 - matches Backend

@@ -1,9 +1,11 @@
 """The small interface every engine backend implements.
 
-A backend turns a ``ModelConfig`` into an engine instance (a blocking load, run in a worker thread).
-The registry keeps ``parallel`` instances of each model and hands one instance to one request at a
-time, so an engine never needs locking of its own. Capabilities are plain methods; a backend that
-lacks one simply does not define it, and the API layer answers 400 naming the limit.
+A backend turns a ``ModelConfig`` into an engine instance. The load, and every later call into the
+instance, runs on one thread that the registry dedicates to that instance (``runtime.EngineThread``),
+so an engine never needs locking of its own. Most engines serve one request at a time: the registry
+keeps ``parallel`` instances of them. A batching engine (``CONCURRENT``: llama-cpp) is loaded once
+and takes ``parallel`` requests at once in its own loop. Capabilities are plain methods; a backend
+that lacks one simply does not define it, and the API layer answers 400 naming the limit.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def scrub(message: object, path: Path) -> str:
 
 def threads_for(cfg: ModelConfig, settings: ServerSettings) -> int:
     return int(cfg.threads or settings.threads or 1)
+
+
+def slots_for(cfg: ModelConfig, settings: ServerSettings) -> int:
+    """Requests a batching engine runs at once: the YAML's ``parallel``, else the server's default."""
+    return int(cfg.parallel or settings.parallel or 1)
 
 
 def context_size_for(cfg: ModelConfig, settings: ServerSettings) -> int:

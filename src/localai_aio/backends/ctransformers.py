@@ -4,7 +4,8 @@ ctransformers bundles a llama.cpp from 2023-09. A GGUF with a BPE ("gpt2") vocab
 with a segfault ("byte not found in vocab"), and newer architectures are unknown to it, so the header
 is read first and such files are refused with the reason. It does not parse special tokens such as
 ``<|im_start|>`` in text, so prompts are split on the model's control tokens and passed as ids.
-It has no grammar support and reports no log-probabilities.
+It has no grammar support and reports no log-probabilities, and it cannot batch: an instance serves
+one request at a time on its own thread (``parallel`` loads that many instances).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
-from localai_aio.generation import GenParams, TokenStep
+from localai_aio.generation import GenParams, TokenStream, generate_sequentially
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
@@ -79,15 +80,17 @@ class CTransformersEngine:
     def is_eog(self, token: int) -> bool:
         return token == self._eos
 
-    def generate(self, prompt: Sequence[int], params: GenParams) -> Iterator[TokenStep]:
+    def start(self, prompt: Sequence[int], params: Sequence[GenParams], stream: TokenStream) -> None:
+        generate_sequentially(self, prompt, params, stream)
+
+    def generate(self, prompt: Sequence[int], params: GenParams) -> Iterator[int]:
         greedy = params.temperature <= 0
-        for token in self.llm.generate(
+        yield from self.llm.generate(
             list(prompt), top_k=1 if greedy else params.top_k, top_p=params.top_p,
             temperature=max(params.temperature, 1e-6) if not greedy else 1.0,
             repetition_penalty=params.repeat_penalty, seed=params.seed if params.seed is not None else -1,
             threads=self.threads, reset=True,
-        ):
-            yield TokenStep(token)
+        )
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

@@ -1,29 +1,119 @@
-"""Backend ``llama-cpp``: GGUF models on llama-cpp-python (the default for ``.gguf`` files)."""
+"""Backend ``llama-cpp``: GGUF models on llama.cpp, many requests at once in one context.
+
+Shaped after llama.cpp's own server. One context holds one copy of the weights and ``parallel``
+slots (KV sequences) in a unified cache of ``context_size`` cells. A loop on the engine's own thread
+(see ``runtime.EngineThread``) builds one batch per step: the next token of every generating slot plus
+chunks of waiting prompts, so a long prompt never stalls the running streams for more than a chunk.
+After the decode each slot samples with its own sampler chain (grammar, penalties, top-k, top-p,
+min-p, temperature, seed); greedy slots without constraints take the arg-max directly.
+
+Prompt cache: a request takes the free slot whose cached tokens share the longest prefix with its
+prompt, so a conversation's next turn prefills only the new messages; when a busy slot has computed a
+longer prefix, its cells are shared into the new slot instead (that is how the ``n`` choices of one
+request share their prompt). A finished request leaves its tokens cached; a cancelled one frees them.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, threads_for
+from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, slots_for, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
-from localai_aio.generation import GenParams, TokenStep
+from localai_aio.errors import ServerBusy
+from localai_aio.generation import GenParams, SeqEnd, TokenStep, TokenStream, token_budget
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
 
 log = logging.getLogger(__name__)
 
-# llama.cpp prints grammar parse errors straight to the process's stderr; capturing them means
-# redirecting file descriptor 2 for the moment of the parse, one thread at a time.
+# llama.cpp's grammar parser prints its errors straight to the process's stderr; capturing them means
+# redirecting file descriptor 2 for the moment of the parse, one thread at a time. Its other messages
+# go through one process-wide log callback, to this module's logger at debug level.
 _STDERR_LOCK = threading.Lock()
+#: Tokens decoded per step at most (running streams plus prompt chunks).
+BATCH_TOKENS = 512
+#: Token rates in /metrics are averaged over this many seconds.
+RATE_WINDOW = 10.0
+#: The penalties look back this many tokens, as llama-cpp-python's high-level API does.
+PENALTY_LAST_N = 64
+
+
+def _cpu_has_amx() -> bool:
+    """Whether the CPU advertises AMX. llama.cpp built for the native CPU then repacks weights into AMX
+    buffers, and on virtual machines that advertise AMX without enabling its tile state the first
+    prompt dies with an illegal instruction. Such weights stay in plain buffers unless a model's YAML
+    sets ``extra_buffers: true``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return any(line.startswith("flags") and " amx_tile" in line for line in info)
+    except OSError:
+        return False
+
+
+def _install_log_callback(llama_cpp: Any) -> None:
+    if getattr(llama_cpp, "_localai_log_callback", None) is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, _user_data: Any) -> None:
+        log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    llama_cpp._localai_log_callback = on_log  # the callback must live as long as llama.cpp may call it
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+
+class _Slot:
+    """One KV sequence of the context: the tokens whose cells it holds, and the choice using it."""
+
+    __slots__ = ("id", "tokens", "seq", "last_used")
+
+    def __init__(self, seq_id: int):
+        self.id = seq_id
+        self.tokens: list[int] = []
+        self.seq: _Seq | None = None
+        self.last_used = 0.0
+
+
+class _Seq:
+    """One choice of one request, from the queue to its end."""
+
+    __slots__ = ("stream", "index", "prompt", "params", "budget", "slot", "pending", "next_token", "sampler",
+                 "count", "cached", "row", "admitted")
+
+    def __init__(self, stream: TokenStream, index: int, prompt: list[int], params: GenParams, budget: int):
+        self.stream = stream
+        self.index = index
+        self.prompt = prompt
+        self.params = params
+        self.budget = budget
+        self.slot: _Slot | None = None
+        self.pending: list[int] = []  # prompt tokens still to decode
+        self.next_token: int | None = None  # sampled, decoded in the next step
+        self.sampler: Any = None
+        self.count = 0
+        self.cached = 0
+        self.row = -1  # the batch row whose logits this choice samples after a decode
+        self.admitted = 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class LlamaCppEngine:
@@ -33,82 +123,368 @@ class LlamaCppEngine:
     def __init__(self, cfg: ModelConfig, settings: ServerSettings):
         import llama_cpp
 
+        self._ll = llama_cpp
+        _install_log_callback(llama_cpp)
         path = require_file(cfg)
         self.info: GGUFInfo = read_gguf_info(path)
         self.name = cfg.name
+        self.slots_total = slots_for(cfg, settings)
+        threads = threads_for(cfg, settings)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = bool(cfg.option("extra_buffers", not _cpu_has_amx()))
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if cfg.option("mmap", True) else \
+            llama_cpp.LLAMA_LOAD_MODE_NONE
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load the file {path.name}")
+        self.embeddings = bool(cfg.embeddings)
         n_ctx = context_size_for(cfg, settings)
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=threads_for(cfg, settings),
-                n_threads_batch=threads_for(cfg, settings), seed=cfg.seed if cfg.seed is not None else -1,
-                embedding=cfg.embeddings, verbose=False,
-                **({"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if cfg.embeddings else {}),
-                use_mmap=bool(cfg.option("mmap", True)),
-            )
-        except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"llama.cpp could not load the file: {scrub(exc, path)}") from None
-        self.n_ctx = self.llm.n_ctx()
-        self.n_vocab = self.llm.n_vocab()
-        self._eog = {t for t in (self.llm.token_eos(), self.info.eos_id) if t is not None and t >= 0}
-        self._vocab = self.llm._model.vocab
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        # Pooled embeddings need a whole input in one micro-batch.
+        cparams.n_batch = cparams.n_ubatch = n_ctx if self.embeddings else min(BATCH_TOKENS, n_ctx)
+        cparams.n_seq_max = self.slots_total + (1 if self.embeddings else 0)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        if self.embeddings:
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens for {path.name}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_ctx = n_ctx
+        self.n_batch = int(cparams.n_batch)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._eog = {t for t in (llama_cpp.llama_vocab_eos(self._vocab), self.info.eos_id)
+                     if t is not None and t >= 0}
         self._pieces: dict[int, bytes] = {}
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._slots = [_Slot(i) for i in range(self.slots_total)]
+        self._queue: deque[_Seq] = deque()
+        self._active: list[_Seq] = []  # admitted, in admission order
+        self._filled: list[tuple[_Seq, list[int], bool]] = []  # (choice, tokens added, from its prompt)
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0}
+        self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+        log.info("%s: %d slot(s) sharing %d context cells, %d thread(s)", self.name, self.slots_total, n_ctx,
+                 threads)
+
+    # -- vocabulary ---------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (self._ll.llama_token * size)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+        if n < 0:
+            size = -n
+            buf = (self._ll.llama_token * size)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+        return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            import ctypes
-
-            import llama_cpp
-
             buf = ctypes.create_string_buffer(256)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[: max(n, 0)]
         return piece
 
     def is_eog(self, token: int) -> bool:
-        if token in self._eog:
-            return True
-        import llama_cpp
+        return token in self._eog or bool(self._ll.llama_vocab_is_eog(self._vocab, token))
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+    def check_grammar(self, grammar: str) -> str | None:
+        """None when llama.cpp accepts the GBNF grammar, else the parser's message."""
+        with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+            try:
+                sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            printed = sink.read().decode("utf-8", "replace")
+        if sampler:
+            self._ll.llama_sampler_free(sampler)
+            return None
+        lines = [line.strip() for line in printed.splitlines() if "error" in line.lower()]
+        return lines[0] if lines else "llama.cpp could not parse the grammar"
 
-    def generate(self, prompt: Sequence[int], params: GenParams) -> Iterator[TokenStep]:
-        from llama_cpp import LlamaGrammar, LogitsProcessorList
+    # -- requests -----------------------------------------------------------------------------------------
 
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        self.llm.set_seed(seed)
-        grammar = None
-        if params.grammar is not None:
-            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
-        captured: list[np.ndarray] = []
-        processors = None
-        if params.logprobs is not None:
-            def capture(_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-                captured.append(np.array(scores, dtype=np.float32))
-                return scores
+    def start(self, prompt: Sequence[int], params: Sequence[GenParams], stream: TokenStream) -> None:
+        """Queue one choice per ``params`` entry; the loop admits them first come, first served."""
+        for index, choice in enumerate(params):
+            budget = token_budget(self.n_ctx, len(prompt), choice)
+            if budget <= 0:
+                stream.push(index, SeqEnd("length"))
+                continue
+            self._queue.append(_Seq(stream, index, list(prompt), choice, budget))
 
-            processors = LogitsProcessorList([capture])
-        greedy = params.temperature <= 0
-        steps = self.llm.generate(
-            list(prompt), top_k=1 if greedy else params.top_k, top_p=params.top_p, min_p=params.min_p,
-            temp=0.0 if greedy else params.temperature, repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
-            logits_processor=processors, grammar=grammar,
-        )
-        for token in steps:
-            if captured:
-                yield _with_logprobs(token, captured.pop(), params.logprobs or 0)
+    def load_report(self) -> dict[str, float]:
+        """Slots, queue and token counters for /metrics (read from the event loop: plain values only)."""
+        now = time.monotonic()
+        recent = [r for r in list(self._recent) if now - r[0] <= RATE_WINDOW]
+        return {"slots": self.slots_total, "busy": sum(1 for s in self._slots if s.seq is not None),
+                "queued": len(self._queue), **self.stats,
+                "prompt_tokens_per_second": sum(r[1] for r in recent) / RATE_WINDOW,
+                "generated_tokens_per_second": sum(r[2] for r in recent) / RATE_WINDOW}
+
+    def busy(self) -> bool:
+        return bool(self._active or self._queue)
+
+    def step(self) -> None:
+        self._drop_unwanted()
+        self._admit()
+        if not self._active:
+            return
+        rows = self._fill_batch()
+        if not rows:
+            return
+        code = self._ll.llama_decode(self._ctx, self._batch)
+        while code == 1:  # no room in the KV cache: free idle caches, else turn the newest request away
+            if not self._evict_idle() and not self._shed_newest():
+                break
+            rows = self._fill_batch()
+            if not rows:
+                return
+            code = self._ll.llama_decode(self._ctx, self._batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed with status {code}")
+        prompt_tokens = sum(len(tokens) for _, tokens, from_prompt in self._filled if from_prompt)
+        generated = self.stats["generated_tokens"]
+        self._sample(rows)
+        self.stats["prompt_tokens"] += prompt_tokens
+        now = time.monotonic()
+        self._recent.append((now, prompt_tokens, self.stats["generated_tokens"] - generated))
+        while now - self._recent[0][0] > RATE_WINDOW:
+            self._recent.popleft()
+
+    def fail(self, exc: BaseException) -> None:
+        """A step failed: every request in flight gets the error and the cache starts over."""
+        for seq in self._active + list(self._queue):
+            seq.stream.fail(exc)
+            self._release(seq, keep_cache=False)
+        self._queue.clear()
+        self._active.clear()
+        self._ll.llama_memory_clear(self._mem, True)
+        for slot in self._slots:
+            slot.tokens = []
+
+    # -- the loop's parts ---------------------------------------------------------------------------------
+
+    def _drop_unwanted(self) -> None:
+        for seq in [s for s in self._active if not s.stream.wanted(s.index)]:
+            self._release(seq, keep_cache=not seq.stream.cancelled)  # a stop string's end keeps the cache
+        if any(not s.stream.wanted(s.index) for s in self._queue):
+            self._queue = deque(s for s in self._queue if s.stream.wanted(s.index))
+
+    def _admit(self) -> None:
+        while self._queue:
+            seq = self._queue[0]
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                return
+            sibling_prefilling = any(o.stream is seq.stream and o.pending for o in self._active)
+            if sibling_prefilling:
+                return  # wait one more step and share the prompt's cells instead of computing them twice
+            self._queue.popleft()
+            try:
+                self._place(seq, free)
+            except Exception as exc:  # this request alone fails (e.g. a sampler llama.cpp refuses)
+                seq.stream.fail(exc)
+                self._release(seq, keep_cache=False)
+
+    def _place(self, seq: _Seq, free: list[_Slot]) -> None:
+        prompt = seq.prompt
+        limit = len(prompt) - 1  # at least one prompt token is decoded, for the logits to sample from
+        best = max(free, key=lambda s: (min(_common_prefix(s.tokens, prompt), limit), -s.last_used))
+        keep = min(_common_prefix(best.tokens, prompt), limit)
+        busy = [s for s in self._slots if s.seq is not None]
+        donor = max(busy, key=lambda s: _common_prefix(s.tokens, prompt), default=None)
+        shared = min(_common_prefix(donor.tokens, prompt), limit) if donor is not None else 0
+        if shared > keep:
+            best = min(free, key=lambda s: s.last_used)  # the least recently used cache is overwritten
+            self._ll.llama_memory_seq_rm(self._mem, best.id, -1, -1)
+            self._ll.llama_memory_seq_cp(self._mem, donor.id, best.id, 0, shared)
+            best.tokens = prompt[:shared]
+            keep = shared
+        else:
+            self._ll.llama_memory_seq_rm(self._mem, best.id, keep, -1)
+            del best.tokens[keep:]
+        seq.slot, best.seq = best, seq
+        seq.pending = prompt[keep:]
+        seq.cached = keep
+        seq.admitted = time.monotonic()
+        seq.sampler = self._sampler_for(seq.params)
+        self.stats["cached_tokens"] += keep
+        self._active.append(seq)
+
+    def _fill_batch(self) -> list[_Seq]:
+        """Fill the batch: one token per generating choice, then prompt chunks. Returns the choices that
+        sample after this decode, each with ``row`` set; ``_undo_fill`` can take the batch back."""
+        batch = self._batch
+        n = 0
+        rows: list[_Seq] = []
+        self._filled = []
+
+        def add(seq: _Seq, token: int, logits: bool) -> None:
+            nonlocal n
+            slot = seq.slot
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.id
+            batch.logits[n] = logits
+            slot.tokens.append(token)
+            if logits:
+                seq.row = n
+                rows.append(seq)
+            n += 1
+
+        for seq in self._active:
+            if seq.next_token is not None:
+                add(seq, seq.next_token, True)
+                self._filled.append((seq, [seq.next_token], False))
+                seq.next_token = None
+        for seq in self._active:
+            if n >= self.n_batch:
+                break
+            if seq.pending:
+                take = seq.pending[: self.n_batch - n]
+                del seq.pending[: len(take)]
+                for i, token in enumerate(take):
+                    add(seq, token, not seq.pending and i == len(take) - 1)
+                self._filled.append((seq, take, True))
+        batch.n_tokens = n
+        return rows
+
+    def _undo_fill(self) -> None:
+        """Take back what ``_fill_batch`` added (the decode found no room), so it can be built again."""
+        for seq, tokens, from_prompt in self._filled:
+            if seq.slot is not None:
+                del seq.slot.tokens[len(seq.slot.tokens) - len(tokens):]
+            if from_prompt:
+                seq.pending[:0] = tokens
             else:
-                yield TokenStep(token)
+                seq.next_token = tokens[0]
+        self._filled = []
+        self._batch.n_tokens = 0
 
-    # -- embeddings (models with `embeddings: true`) -----------------------------------------------------------
+    def _sample(self, rows: list[_Seq]) -> None:
+        ll = self._ll
+        for seq in rows:
+            slot = seq.slot
+            if seq.sampler is None:
+                logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+            else:
+                token = ll.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
+            slot.last_used = time.monotonic()
+            if self.is_eog(token) and not seq.params.ignore_eos:
+                self._end(seq, "stop")
+                continue
+            seq.count += 1
+            self.stats["generated_tokens"] += 1
+            seq.stream.push(seq.index, self._step_for(seq, token))
+            if seq.count >= seq.budget:
+                self._end(seq, "length")
+            else:
+                seq.next_token = token
+
+    def _step_for(self, seq: _Seq, token: int) -> TokenStep:
+        top_n = seq.params.logprobs
+        if top_n is None:
+            return TokenStep(token, self.token_bytes(token))
+        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[tuple[bytes, float], ...] = ()
+        if top_n:
+            best = np.argpartition(-logprobs, min(top_n, len(logprobs) - 1))[:top_n]
+            best = best[np.argsort(-logprobs[best])]
+            top = tuple((self.token_bytes(int(t)), float(logprobs[t])) for t in best)
+        return TokenStep(token, self.token_bytes(token), float(logprobs[token]), top)
+
+    def _end(self, seq: _Seq, reason: str) -> None:
+        seq.stream.push(seq.index, SeqEnd(reason, seq.cached))
+        self._release(seq, keep_cache=True)
+
+    def _release(self, seq: _Seq, *, keep_cache: bool) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        slot, seq.slot = seq.slot, None
+        if slot is not None:
+            slot.seq = None
+            if not keep_cache:
+                self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+                slot.tokens = []
+        if seq.sampler:
+            self._ll.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    def _evict_idle(self) -> bool:
+        idle = [s for s in self._slots if s.seq is None and s.tokens]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_used)
+        self._ll.llama_memory_seq_rm(self._mem, victim.id, -1, -1)
+        victim.tokens = []
+        self._undo_fill()
+        return True
+
+    def _shed_newest(self) -> bool:
+        if len(self._active) <= 1:
+            return False
+        seq = max(self._active, key=lambda s: s.admitted)
+        seq.stream.fail(ServerBusy(f"Model '{self.name}' has no room left in its context cache "
+                                   f"({self.n_ctx} tokens shared by {len(self._active)} requests); retry later",
+                                   retry_after=1))
+        self._undo_fill()
+        self._release(seq, keep_cache=False)
+        return True
+
+    # -- sampling -----------------------------------------------------------------------------------------
+
+    def _sampler_for(self, params: GenParams) -> Any:
+        """A llama.cpp sampler chain in llama-cpp-python's order, or None for plain greedy decoding (the
+        arg-max of the logits, without building the candidate list of the whole vocabulary)."""
+        ll = self._ll
+        penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+        greedy = params.temperature <= 0
+        if greedy and not penalties and params.grammar is None:
+            return None
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if penalties:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty))
+        if params.grammar is not None:
+            grammar = ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise BackendError("llama.cpp could not parse the grammar")
+            ll.llama_sampler_chain_add(chain, grammar)
+        if greedy:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            seed = params.seed if params.seed is not None else random.randrange(2**31)
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(params.min_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        return chain
+
+    # -- embeddings (models with `embeddings: true`) ------------------------------------------------------
 
     @property
     def dimensions(self) -> int:
-        return self.llm.n_embd()
+        return int(self._ll.llama_model_n_embd(self._model))
 
     @property
     def vocab_size(self) -> int:
@@ -122,48 +498,52 @@ class LlamaCppEngine:
         return [self.tokenize(t, add_bos=True, special=False)[: self.n_ctx] for t in texts]
 
     def embed(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Mean-pooled, normalized embeddings, one llama.cpp run per input."""
-        if not self.llm.context_params.embeddings:
+        """Mean-pooled, normalized embeddings, one input at a time in a sequence kept for them."""
+        if not self.embeddings:
             raise BackendError(f"model {self.name!r} is not configured for embeddings (set `embeddings: true`)")
-        texts = [self.llm.detokenize(list(tokens)).decode("utf-8", "replace") for tokens in token_lists]
-        vectors = np.asarray(self.llm.embed(texts, normalize=False, truncate=True), dtype=np.float32)
-        vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
-        return vectors
+        ll, batch, seq_id = self._ll, self._batch_for_embeddings(), self.slots_total
+        out = np.zeros((len(token_lists), self.dimensions), dtype=np.float32)
+        ll.llama_set_embeddings(self._ctx, True)
+        try:
+            for row, tokens in enumerate(token_lists):
+                tokens = list(tokens)[: self.n_batch]
+                for i, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq_id, True
+                batch.n_tokens = len(tokens)
+                code = ll.llama_decode(self._ctx, batch)
+                if code != 0:
+                    raise BackendError(f"llama.cpp could not embed an input (status {code})")
+                out[row] = np.ctypeslib.as_array(ll.llama_get_embeddings_seq(self._ctx, seq_id),
+                                                 shape=(self.dimensions,))
+                ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        finally:
+            ll.llama_set_embeddings(self._ctx, False)
+        out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+        return out
 
-    def check_grammar(self, grammar: str) -> str | None:
-        """None when llama.cpp accepts the GBNF grammar, else the parser's message."""
-        import llama_cpp
-
-        with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
-            saved = os.dup(2)
-            os.dup2(sink.fileno(), 2)
-            try:
-                sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            sink.seek(0)
-            printed = sink.read().decode("utf-8", "replace")
-        if sampler:
-            llama_cpp.llama_sampler_free(sampler)
-            return None
-        lines = [line.strip() for line in printed.splitlines() if "error" in line.lower()]
-        return lines[0] if lines else "llama.cpp could not parse the grammar"
+    def _batch_for_embeddings(self) -> Any:
+        if getattr(self, "_embed_batch", None) is None:
+            self._embed_batch = self._ll.llama_batch_init(self.n_batch, 0, 1)
+        return self._embed_batch
 
     def close(self) -> None:
-        self.llm.close()
-
-
-def _with_logprobs(token: int, logits: np.ndarray, top_n: int) -> TokenStep:
-    shifted = logits - logits.max()
-    logprobs = shifted - np.log(np.exp(shifted).sum())
-    top: tuple[tuple[int, float], ...] = ()
-    if top_n:
-        best = np.argpartition(-logprobs, min(top_n, len(logprobs) - 1))[:top_n]
-        best = best[np.argsort(-logprobs[best])]
-        top = tuple((int(t), float(logprobs[t])) for t in best)
-    return TokenStep(token, float(logprobs[token]), top)
+        ll = self._ll
+        for seq in self._active + list(self._queue):
+            seq.stream.fail(BackendError(f"model {self.name!r} was unloaded"))
+            if seq.sampler:
+                ll.llama_sampler_free(seq.sampler)
+        self._active.clear()
+        self._queue.clear()
+        for batch in (self._batch, getattr(self, "_embed_batch", None)):
+            if batch is not None:
+                ll.llama_batch_free(batch)
+        ll.llama_free(self._ctx)
+        ll.llama_model_free(self._model)
 
 
 def load(cfg: ModelConfig, settings: ServerSettings) -> LlamaCppEngine:
-    return LlamaCppEngine(cfg, settings)
+    try:
+        return LlamaCppEngine(cfg, settings)
+    except (ValueError, RuntimeError) as exc:
+        raise BackendError(f"llama.cpp could not load the file: {scrub(exc, require_file(cfg))}") from None
