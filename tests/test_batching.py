@@ -73,6 +73,31 @@ async def test_concurrent_streams_equal_their_solo_runs(bclient) -> None:  # noq
     assert metric(report, "localai_model_slots_busy", "b4") == 0
 
 
+async def test_long_prompt_is_prefilled_in_chunks_beside_a_running_stream(bclient) -> None:  # noqa: ANN001
+    async def stream_text() -> str:
+        resp = await bclient.post(COMPLETIONS, json={"model": "b4", "prompt": [EXCLAIM], "temperature": 0,
+                                                     "max_tokens": 30, "stream": True})
+        return "".join(e["choices"][0]["text"] for e in await sse_events(resp))
+
+    running = asyncio.ensure_future(stream_text())
+    long = [HELLO, WORLD, EXCLAIM] * 233 + [HELLO]  # 700 tokens: two chunks of at most 512
+    body = await completion(bclient, long, max_tokens=4)
+    assert body["choices"][0]["text"] == " world! Hello world"
+    assert body["usage"]["prompt_tokens"] == 700
+    assert await running == (" Hello world!" * 10)  # the stream runs on while the long prompt is computed
+
+
+def test_empty_prompt_is_refused() -> None:
+    from localai_aio.errors import InvalidRequest
+    from localai_aio.generation import check_prompt_fits
+
+    class Engine:
+        n_ctx = 16
+
+    with pytest.raises(InvalidRequest, match="empty"):
+        check_prompt_fits(Engine(), [])  # type: ignore[arg-type]
+
+
 async def test_grammar_and_free_requests_in_one_batch(bclient) -> None:  # noqa: ANN001
     free = {"model": "b4", "messages": HI, "max_tokens": 9, "temperature": 0}
     constrained = {**free, "max_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {

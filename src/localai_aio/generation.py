@@ -187,6 +187,8 @@ def _token_logprob(step: TokenStep) -> TokenLogprob:
 
 
 def check_prompt_fits(engine: TextEngine, prompt: Sequence[int]) -> None:
+    if not prompt:
+        raise InvalidRequest("The prompt is empty: it has no tokens for the model to continue", param="prompt")
     if len(prompt) >= engine.n_ctx:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {engine.n_ctx} tokens; the prompt has {len(prompt)} "

@@ -243,15 +243,14 @@ class LlamaCppEngine:
         if not self._active:
             return
         rows = self._fill_batch()
-        if not rows:
+        if not self._batch.n_tokens:  # nothing can move: never spin on it
+            self.fail(RuntimeError("no choice in flight had a token to decode"))
             return
         code = self._ll.llama_decode(self._ctx, self._batch)
         while code == 1:  # no room in the KV cache: free idle caches, else turn the newest request away
             if not self._evict_idle() and not self._shed_newest():
                 break
             rows = self._fill_batch()
-            if not rows:
-                return
             code = self._ll.llama_decode(self._ctx, self._batch)
         if code != 0:
             raise RuntimeError(f"llama_decode failed with status {code}")
