@@ -141,6 +141,26 @@ async def test_prefix_cache_reports_cached_tokens(bclient) -> None:  # noqa: ANN
     assert second["choices"][0]["message"]["content"] == " Hello world!"
 
 
+async def test_conversation_cache_survives_another_conversation_in_its_slot(bclient) -> None:  # noqa: ANN001
+    """One slot (b1): A's first turn, then B's in the same slot, then A's next turn still starts from A's
+    cache, which waited in host memory."""
+    async def turn(messages: list) -> dict:
+        return await (await bclient.post(CHAT, json={"model": "b1", "messages": messages, "max_tokens": 3,
+                                                     "temperature": 0})).json()
+
+    a = [{"role": "system", "content": "a b " * 40}, {"role": "user", "content": "hi"}]
+    b = [{"role": "system", "content": "the capital " * 40}, {"role": "user", "content": "hi"}]
+    first_a = await turn(a)
+    await turn(b)
+    a_prompt = first_a["usage"]["prompt_tokens"]
+    second_a = await turn(a + [{"role": "assistant", "content": first_a["choices"][0]["message"]["content"]},
+                               {"role": "user", "content": "bye"}])
+    assert second_a["usage"]["prompt_tokens_details"]["cached_tokens"] >= a_prompt
+    report = await (await bclient.get("/metrics")).text()
+    assert metric(report, "localai_prompt_cache_bytes", "b1") > 0
+    assert metric(report, "localai_model_slots_busy", "b1") == 0
+
+
 async def test_leaving_client_frees_its_slot_within_a_step(bclient) -> None:  # noqa: ANN001
     long = {"model": "b4", "prompt": [HELLO], "temperature": 0, "max_tokens": 900, "stream": True}
     resp = await bclient.post(COMPLETIONS, json=long)

@@ -275,7 +275,7 @@ KNOWN_MODEL_KEYS = frozenset({
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
 })
 BACKEND_OPTION_KEYS = frozenset({
-    "providers", "spinning", "mmap", "lib", "extra_buffers",  # engines
+    "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
     "pooling", "normalize", "max_length",  # onnx-embeddings
     "voices",  # piper
     "scheduler", "step", "steps", "guidance_scale", "cfg_scale", "size",  # onnx-diffusion

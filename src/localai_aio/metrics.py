@@ -41,6 +41,7 @@ class _EngineCollector:
         "busy": ("localai_model_slots_busy", "Requests a loaded model is running now"),
         "queued": ("localai_model_queue_length", "Requests waiting for a loaded model"),
         "slots": ("localai_model_slots", "Requests a loaded model can run at once"),
+        "prompt_cache_bytes": ("localai_prompt_cache_bytes", "Host memory holding finished requests' caches"),
         "prompt_tokens_per_second": ("localai_prompt_tokens_per_second",
                                      "Prompt tokens computed per second, over the last 10 s"),
         "generated_tokens_per_second": ("localai_generation_tokens_per_second",

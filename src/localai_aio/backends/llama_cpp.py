@@ -7,10 +7,13 @@ chunks of waiting prompts, so a long prompt never stalls the running streams for
 After the decode each slot samples with its own sampler chain (grammar, penalties, top-k, top-p,
 min-p, temperature, seed); greedy slots without constraints take the arg-max directly.
 
-Prompt cache: a request takes the free slot whose cached tokens share the longest prefix with its
-prompt, so a conversation's next turn prefills only the new messages; when a busy slot has computed a
-longer prefix, its cells are shared into the new slot instead (that is how the ``n`` choices of one
-request share their prompt). A finished request leaves its tokens cached; a cancelled one frees them.
+Prompt cache: when a request finishes, its slot's cells are copied to host memory (llama.cpp's
+sequence state, bounded by ``prompt_cache_mb``) and freed, as llama.cpp's server does with its RAM
+cache; the cache therefore never crowds the context, and attention never spans idle requests' cells
+(it covers every used cell up to the highest one, so idle caches left in place slowed every stream by
+a tenth). A new request starts from the longest prefix of its prompt found there, or in a busy slot's
+cells (that is how the ``n`` choices of one request share their prompt), and prefills only the rest:
+a conversation's next turn computes only the new messages. A cancelled request's cells are dropped.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ _STDERR_LOCK = threading.Lock()
 BATCH_TOKENS = 512
 #: Token rates in /metrics are averaged over this many seconds.
 RATE_WINDOW = 10.0
+#: Host memory kept for finished requests' caches, in MB, unless a model's YAML sets ``prompt_cache_mb``.
+PROMPT_CACHE_MB = 256
+#: Shorter caches are not worth a copy: computing them again is as quick.
+MIN_CACHED_TOKENS = 4
 #: The penalties look back this many tokens, as llama-cpp-python's high-level API does.
 PENALTY_LAST_N = 64
 
@@ -77,13 +84,23 @@ def _install_log_callback(llama_cpp: Any) -> None:
 class _Slot:
     """One KV sequence of the context: the tokens whose cells it holds, and the choice using it."""
 
-    __slots__ = ("id", "tokens", "seq", "last_used")
+    __slots__ = ("id", "tokens", "seq")
 
     def __init__(self, seq_id: int):
         self.id = seq_id
         self.tokens: list[int] = []
         self.seq: _Seq | None = None
-        self.last_used = 0.0
+
+
+class _Saved:
+    """A finished request's cells, copied to host memory with the tokens they hold."""
+
+    __slots__ = ("tokens", "state", "last_used")
+
+    def __init__(self, tokens: list[int], state: ctypes.Array, last_used: float):
+        self.tokens = tokens
+        self.state = state
+        self.last_used = last_used
 
 
 class _Seq:
@@ -164,6 +181,9 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(self.slots_total)]
+        self._saved: list[_Saved] = []
+        self._saved_bytes = 0
+        self.cache_limit = int(float(cfg.option("prompt_cache_mb", PROMPT_CACHE_MB)) * 1024 * 1024)
         self._queue: deque[_Seq] = deque()
         self._active: list[_Seq] = []  # admitted, in admission order
         self._filled: list[tuple[_Seq, list[int], bool]] = []  # (choice, tokens added, from its prompt)
@@ -230,7 +250,7 @@ class LlamaCppEngine:
         now = time.monotonic()
         recent = [r for r in list(self._recent) if now - r[0] <= RATE_WINDOW]
         return {"slots": self.slots_total, "busy": sum(1 for s in self._slots if s.seq is not None),
-                "queued": len(self._queue), **self.stats,
+                "queued": len(self._queue), "prompt_cache_bytes": self._saved_bytes, **self.stats,
                 "prompt_tokens_per_second": sum(r[1] for r in recent) / RATE_WINDOW,
                 "generated_tokens_per_second": sum(r[2] for r in recent) / RATE_WINDOW}
 
@@ -247,8 +267,8 @@ class LlamaCppEngine:
             self.fail(RuntimeError("no choice in flight had a token to decode"))
             return
         code = self._ll.llama_decode(self._ctx, self._batch)
-        while code == 1:  # no room in the KV cache: free idle caches, else turn the newest request away
-            if not self._evict_idle() and not self._shed_newest():
+        while code == 1:  # no room in the context: turn the newest request away
+            if not self._shed_newest():
                 break
             rows = self._fill_batch()
             code = self._ll.llama_decode(self._ctx, self._batch)
@@ -273,6 +293,8 @@ class LlamaCppEngine:
         self._ll.llama_memory_clear(self._mem, True)
         for slot in self._slots:
             slot.tokens = []
+        self._saved.clear()
+        self._saved_bytes = 0
 
     # -- the loop's parts ---------------------------------------------------------------------------------
 
@@ -299,23 +321,27 @@ class LlamaCppEngine:
                 self._release(seq, keep_cache=False)
 
     def _place(self, seq: _Seq, free: list[_Slot]) -> None:
-        prompt = seq.prompt
+        """Start ``seq`` in a free slot from the longest prefix of its prompt that is already computed."""
+        ll, prompt, slot = self._ll, seq.prompt, free[0]
         limit = len(prompt) - 1  # at least one prompt token is decoded, for the logits to sample from
-        best = max(free, key=lambda s: (min(_common_prefix(s.tokens, prompt), limit), -s.last_used))
-        keep = min(_common_prefix(best.tokens, prompt), limit)
-        busy = [s for s in self._slots if s.seq is not None]
-        donor = max(busy, key=lambda s: _common_prefix(s.tokens, prompt), default=None)
+        donor = max((s for s in self._slots if s.seq is not None), default=None,
+                    key=lambda s: _common_prefix(s.tokens, prompt))
         shared = min(_common_prefix(donor.tokens, prompt), limit) if donor is not None else 0
-        if shared > keep:
-            best = min(free, key=lambda s: s.last_used)  # the least recently used cache is overwritten
-            self._ll.llama_memory_seq_rm(self._mem, best.id, -1, -1)
-            self._ll.llama_memory_seq_cp(self._mem, donor.id, best.id, 0, shared)
-            best.tokens = prompt[:shared]
-            keep = shared
-        else:
-            self._ll.llama_memory_seq_rm(self._mem, best.id, keep, -1)
-            del best.tokens[keep:]
-        seq.slot, best.seq = best, seq
+        saved = max(self._saved, default=None, key=lambda e: _common_prefix(e.tokens, prompt))
+        restored = min(_common_prefix(saved.tokens, prompt), limit) if saved is not None else 0
+        keep = 0
+        if max(shared, restored) >= MIN_CACHED_TOKENS:
+            if shared >= restored:
+                ll.llama_memory_seq_cp(self._mem, donor.id, slot.id, 0, shared)
+                keep = shared
+            elif ll.llama_state_seq_set_data(self._ctx, saved.state, len(saved.state), slot.id):
+                ll.llama_memory_seq_rm(self._mem, slot.id, restored, -1)
+                saved.last_used = time.monotonic()
+                keep = restored
+            else:  # no room for the copy now: compute the prompt instead
+                ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+        slot.tokens = prompt[:keep]
+        seq.slot, slot.seq = slot, seq
         seq.pending = prompt[keep:]
         seq.cached = keep
         seq.admitted = time.monotonic()
@@ -377,13 +403,11 @@ class LlamaCppEngine:
     def _sample(self, rows: list[_Seq]) -> None:
         ll = self._ll
         for seq in rows:
-            slot = seq.slot
             if seq.sampler is None:
                 logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
                 token = int(logits.argmax())
             else:
                 token = ll.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
-            slot.last_used = time.monotonic()
             if self.is_eog(token) and not seq.params.ignore_eos:
                 self._end(seq, "stop")
                 continue
@@ -419,22 +443,36 @@ class LlamaCppEngine:
         slot, seq.slot = seq.slot, None
         if slot is not None:
             slot.seq = None
-            if not keep_cache:
-                self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
-                slot.tokens = []
+            if keep_cache:
+                self._save(slot)
+            self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+            slot.tokens = []
         if seq.sampler:
             self._ll.llama_sampler_free(seq.sampler)
             seq.sampler = None
 
-    def _evict_idle(self) -> bool:
-        idle = [s for s in self._slots if s.seq is None and s.tokens]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda s: s.last_used)
-        self._ll.llama_memory_seq_rm(self._mem, victim.id, -1, -1)
-        victim.tokens = []
-        self._undo_fill()
-        return True
+    def _save(self, slot: _Slot) -> None:
+        """Copy a finished slot's cells to host memory (least recently used copies go first)."""
+        ll, tokens = self._ll, slot.tokens
+        if len(tokens) < MIN_CACHED_TOKENS or not self.cache_limit:
+            return
+        size = ll.llama_state_seq_get_size(self._ctx, slot.id)
+        if size > self.cache_limit:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if ll.llama_state_seq_get_data(self._ctx, state, size, slot.id) != size:
+            return
+        # A copy whose tokens this one extends holds nothing more.
+        for old in [e for e in self._saved if _common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            self._forget(old)
+        self._saved.append(_Saved(list(tokens), state, time.monotonic()))
+        self._saved_bytes += size
+        while self._saved_bytes > self.cache_limit:
+            self._forget(min(self._saved, key=lambda e: e.last_used))
+
+    def _forget(self, saved: _Saved) -> None:
+        self._saved.remove(saved)
+        self._saved_bytes -= len(saved.state)
 
     def _shed_newest(self) -> bool:
         if len(self._active) <= 1:
