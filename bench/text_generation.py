@@ -1,22 +1,49 @@
-"""Decode speed and time to first token: through the server (streaming, openai client) vs llama-cpp-python
-called directly, on the same model and thread count, in one run. Prints the ratios.
+"""Single-stream decode speed and time to first token: through the server (streaming, temperature 0, the
+official openai client) vs llama-cpp-python's high-level API called directly
+(``Llama(...).create_chat_completion(stream=True)``) on the same model file, thread count and system prompt,
+in one run. Optionally llama.cpp's own ``llama-server`` is measured beside them. Prints the ratios.
 
-    python bench/text_generation.py [--models-path ~/.cache/localai-aio/models] [--threads 1] [--rounds 3]
+    python bench/text_generation.py [--models-path ~/.cache/localai-aio/models] [--model smollm2-135m-instruct]
+        [--rounds 3] [--max-tokens 128] [--threads N] [--server-flag=--some-flag ...]
+        [--url http://host:port] [--gguf FILE] [--no-direct]
+        [--llama-server /tmp/llsrc/.../build/bin/llama-server] [--llama-server-flag=--some-flag ...]
 
-Targets: server decode speed at least 0.95x direct, and under 15 ms added to time to first token.
+Targets: server decode speed at least 1.0x direct, and under 5 ms added to time to first token.
+
+How it is measured:
+
+- Our server runs at its defaults (``serve --preload-models MODEL``; ``--threads`` only when given here, so it
+  uses the CPU count or the model YAML's ``threads``). With ``--url`` no server is started: any
+  OpenAI-compatible server is measured as it is.
+- Before anything is timed, each server gets 32 warm-up requests of mixed kinds (streaming and non-streaming
+  chat, /v1/completions streaming and not, a chat with ``tools``, two bursts of 4 concurrent requests).
+- Rounds alternate (server, [llama-server], direct) so that machine noise hits every side alike; each round
+  streams the same 3 prompts on each side, preceded by the model YAML's ``system_prompt`` as a system message.
+- Direct llama-cpp-python runs in a child process (this script with ``--direct-worker``, printing JSON), one
+  per round: it loads the model, generates once untimed (the server side is warm too), then streams the
+  prompts. A separate process, because llama.cpp's OpenMP thread team belongs to the process and thread that
+  call in (docs/STACK.md, "Threads and llama.cpp"): sharing a process with the benchmark's client threads would
+  measure something no deployment runs. The servers are idle while it runs, and it has exited before they
+  are measured again, so no two sides ever compete for the 2 cores.
+- All sides use the same weight buffers: on CPUs that advertise AMX our server keeps weights in plain buffers
+  (no repacking, see backends/llama_cpp.py), so the direct worker sets ``use_extra_bufts = False`` and
+  llama-server gets ``--no-repack``. llama-server runs with 1 slot and ``-c context_size``.
+- Decode speed is streamed text chunks after the first per second (one token per chunk); time to first token
+  is from the call to the first chunk with text. Medians over all generations of a side.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
+import json
+import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _server import DEFAULT_MODELS, server
+from _clients import DEFAULT_MODEL, client, default_threads, local_model, median, stream_chat, verdict, warm_up
+from _server import DEFAULT_MODELS, llama_server, server
 
-MODEL = "smollm2-135m-instruct"
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread. Story {i}:",
     "Explain in detail how a bicycle works, part by part. Version {i}.",
@@ -24,87 +51,144 @@ PROMPTS = [
 ]
 
 
-
-def measure_stream(chunks) -> tuple[float, float, int]:  # noqa: ANN001
-    """(time to first token, decode tokens/s after the first, tokens) for an iterator of text pieces."""
-    start = time.perf_counter()
-    first = last = None
-    count = 0
-    for piece in chunks:
-        if not piece:
-            continue
-        now = time.perf_counter()
-        if first is None:
-            first = now
-        last = now
-        count += 1
-    assert first is not None and last is not None and count > 1, "no tokens were generated"
-    return first - start, (count - 1) / (last - first), count
+def messages_for(prompt: str, system: str | None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def direct_runs(model_path: Path, threads: int, ctx: int, system: str, prompts: list[str], max_tokens: int):  # noqa: ANN201
+def direct_worker(spec: dict) -> None:
+    """Child process: llama-cpp-python alone. Prints one JSON list of [ttft_s, decode_tok_s, chunks]."""
+    import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model_path), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    results = []
-    for prompt in prompts:
-        stream = llm.create_chat_completion(
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-            temperature=0, max_tokens=max_tokens, stream=True)
-        results.append(measure_stream(c["choices"][0]["delta"].get("content") for c in stream))
+    if not spec["extra_buffers"]:  # the same weight buffers as the server (backends/llama_cpp.py): no repacking
+        defaults = low_level.llama_model_default_params
+
+        def plain_buffers():  # noqa: ANN202
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        # Llama.__init__ calls it through the llama_cpp.llama_cpp module, not the package's re-export.
+        low_level.llama_model_default_params = plain_buffers
+    llm = Llama(model_path=spec["gguf"], n_ctx=spec["ctx"], n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+
+    def one(prompt: str, max_tokens: int) -> list[float]:
+        sent = time.perf_counter()
+        first = last = None
+        pieces = 0
+        for chunk in llm.create_chat_completion(messages=messages_for(prompt, spec["system"]), temperature=0,
+                                                max_tokens=max_tokens, stream=True):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+                pieces += 1
+        if first is None or pieces < 2:
+            raise SystemExit("direct llama-cpp-python generated fewer than 2 tokens")
+        return [first - sent, (pieces - 1) / (last - first), pieces]
+
+    one("Say hello.", 16)  # untimed: first-call costs (thread team, page faults) are not decode speed
+    results = [one(p, spec["max_tokens"]) for p in spec["prompts"]]
     llm.close()
-    return results
+    print(json.dumps(results))
 
 
-def server_runs(url: str, prompts: list[str], max_tokens: int):  # noqa: ANN201
-    import openai
+def direct_runs(spec: dict) -> list[list[float]]:
+    out = subprocess.run([sys.executable, __file__, "--direct-worker", json.dumps(spec)], capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"direct worker failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0)
+
+def server_runs(url: str, model: str, system: str | None, prompts: list[str], max_tokens: int) -> list[list[float]]:
+    cl = client(url)
     results = []
     for prompt in prompts:
-        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                temperature=0, max_tokens=max_tokens, stream=True)
-        results.append(measure_stream(c.choices[0].delta.content for c in stream if c.choices))
-    client.close()
+        s = stream_chat(cl, model, messages_for(prompt, system), max_tokens, usage=False)
+        if s.error or s.pieces < 2:
+            raise RuntimeError(f"{url}: {s.error or 'fewer than 2 tokens'}")
+        results.append([s.ttft, s.decode_rate, s.pieces])
+    cl.close()
     return results
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--direct-worker":
+        direct_worker(json.loads(sys.argv[2]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="measure this OpenAI-compatible server instead of starting ours")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--models-path", default=DEFAULT_MODELS)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gguf", help="model file for the direct side (default: from the model's YAML)")
+    parser.add_argument("--threads", type=int, help="threads for every side (default: the server's own default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                        help="extra flag for our server, repeatable (--server-flag=--parallel --server-flag=2)")
+    parser.add_argument("--llama-server", metavar="PATH", help="also measure this llama.cpp llama-server binary")
+    parser.add_argument("--llama-server-flag", action="append", default=[], metavar="FLAG",
+                        help="extra flag for llama-server, repeatable (e.g. --llama-server-flag=--no-repack)")
+    parser.add_argument("--no-direct", action="store_true", help="skip direct llama-cpp-python")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from localai_aio.config import load_model_configs
+    local = local_model(args.models_path, args.model, args.gguf)
+    if local is None or local.gguf is None:
+        if not args.url:
+            print(f"{args.model} is not installed in {args.models_path}: "
+                  f"python -m localai_aio models install {args.model}")
+            return 2
+        print(f"no local file for {args.model} (give --gguf): only the server at {args.url} is measured")
+        args.no_direct, args.llama_server = True, None
+    threads = default_threads(args.threads, local)
+    system = local.system_prompt if local else None
 
-    configs, _ = load_model_configs(args.models_path)
-    cfg = configs.get(MODEL)
-    if cfg is None or cfg.error:
-        print(f"{MODEL} is not installed in {args.models_path}: python -m localai_aio models install {MODEL}")
-        return 2
-    ctx = int(cfg.context_size or 2048)
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, str] = {}
+        if args.url:
+            targets["server"] = args.url
+        else:
+            flags = ["--preload-models", args.model, *(["--threads", str(args.threads)] if args.threads else []),
+                     *args.server_flag]
+            targets["server"] = stack.enter_context(server(args.models_path, *flags))[0]
+        if args.llama_server:
+            targets["llama-server"] = stack.enter_context(llama_server(
+                args.llama_server, str(local.gguf), ctx=local.context_size, slots=1, threads=threads,
+                extra=(*([] if local.extra_buffers else ["--no-repack"]), *args.llama_server_flag)))[0]
+        for name, url in targets.items():
+            warm_up(url, args.model, label=name)
 
-    with server(args.models_path, "--threads", str(args.threads), "--preload-models", MODEL) as (url, _):
-        direct, served = [], []
-        for r in range(args.rounds):  # alternate so that machine noise hits both sides alike
+        rows: dict[str, list[list[float]]] = {name: [] for name in [*targets, "direct"]}
+        for r in range(args.rounds):  # alternate so that machine noise hits every side alike
             prompts = [p.format(i=r) for p in PROMPTS]
-            served += server_runs(url, prompts, args.max_tokens)
-            direct += direct_runs(cfg.model_path, args.threads, ctx, cfg.system_prompt or "", prompts,
-                                  args.max_tokens)
+            for name, url in targets.items():
+                rows[name] += server_runs(url, args.model, system, prompts, args.max_tokens)
+            if not args.no_direct:
+                rows["direct"] += direct_runs({"gguf": str(local.gguf), "ctx": local.context_size,
+                                               "threads": threads, "system": system, "prompts": prompts,
+                                               "max_tokens": args.max_tokens,
+                                               "extra_buffers": local.extra_buffers})
 
-    def med(rows, i):  # noqa: ANN001, ANN202
-        return statistics.median(r[i] for r in rows)
-
-    d_ttft, d_rate = med(direct, 0), med(direct, 1)
-    s_ttft, s_rate = med(served, 0), med(served, 1)
-    print(f"model {MODEL}, {args.threads} thread(s), {len(direct)} generations each side")
-    print(f"direct llama-cpp-python: decode {d_rate:7.1f} tok/s, time to first token {d_ttft * 1000:7.1f} ms")
-    print(f"server (openai client):  decode {s_rate:7.1f} tok/s, time to first token {s_ttft * 1000:7.1f} ms")
-    print(f"decode speed ratio server/direct: {s_rate / d_rate:.3f}  (target >= 0.95)")
-    print(f"time to first token added: {(s_ttft - d_ttft) * 1000:+.1f} ms  (target < 15 ms)")
+    stats = {name: (median([x[0] for x in v]), median([x[1] for x in v]), median([x[2] for x in v]))
+             for name, v in rows.items() if v}
+    print(f"\nmodel {args.model}, {threads} thread(s) (server default unless --threads), {args.rounds} round(s) "
+          f"x {len(PROMPTS)} prompts per side, max_tokens {args.max_tokens}, temperature 0")
+    labels = {"server": "server (openai client)", "llama-server": "llama.cpp llama-server",
+              "direct": "direct llama-cpp-python"}
+    for name, (ttft, rate, n) in stats.items():
+        print(f"{labels[name]:26s} decode {rate:7.1f} tok/s, time to first token {ttft * 1000:7.1f} ms "
+              f"(median {n:.0f} tokens)")
+    s_ttft, s_rate, _ = stats["server"]
+    if "direct" in stats:
+        d_ttft, d_rate, _ = stats["direct"]
+        ratio, added = s_rate / d_rate, (s_ttft - d_ttft) * 1000
+        print(f"decode speed ratio server/direct: {ratio:.3f}x  (target >= 1.0x: {verdict(ratio >= 1.0)})")
+        print(f"time to first token added by the server: {added:+.1f} ms  (target < 5 ms: {verdict(added < 5)})")
+    if "llama-server" in stats:
+        l_ttft, l_rate, _ = stats["llama-server"]
+        print(f"server/llama-server: decode {s_rate / l_rate:.3f}x, "
+              f"time to first token {(s_ttft - l_ttft) * 1000:+.1f} ms")
     return 0
 
 
