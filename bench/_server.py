@@ -31,23 +31,32 @@ def server(models_path: str, *flags: str) -> Iterator[tuple[str, subprocess.Pope
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data, tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
-             models_path, "--config-dir", data, "--log-level", "warning", *flags],
-            stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}: {_tail(log)}")
-                with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-                time.sleep(0.1)
+        cmd = [sys.executable, "-m", "localai_aio", "serve", "--address", f"127.0.0.1:{port}", "--models-path",
+               models_path, "--config-dir", data, "--log-level", "warning", *flags]
+        with _running(cmd, url + "/readyz", log, "the server") as proc:
             yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(60)
+
+
+@contextlib.contextmanager
+def _running(cmd: list[str], health_url: str, log, name: str) -> Iterator[subprocess.Popen]:  # noqa: ANN001
+    """Run ``cmd`` (output to ``log``) until ``health_url`` answers 200, yield it, then stop it (SIGTERM).
+    Fails with the log's tail if the process exits first or 120 s pass."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} was not ready within 120 s: {_tail(log)}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(health_url, timeout=1) as resp:
+                if resp.status == 200:
+                    break
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def _tail(log, size: int = 2000) -> str:  # noqa: ANN001
@@ -78,23 +87,9 @@ def llama_server(binary: str, gguf: str, *, ctx: int, slots: int, threads: int,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([binary, *flags, "--host", "127.0.0.1", "--port", str(port), *extra],
-                                stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {proc.returncode}: {_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server was not ready within 120 s: {_tail(log)}")
-                with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-                time.sleep(0.1)
+        cmd = [binary, *flags, "--host", "127.0.0.1", "--port", str(port), *extra]
+        with _running(cmd, url + "/health", log, "llama-server") as proc:
             yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(60)
 
 
 def tree_rss_kb(pid: int) -> dict[str, int]:

@@ -60,15 +60,10 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         reports = self.reports()
-        for key, (name, doc) in self.GAUGES.items():
-            family = GaugeMetricFamily(name, doc, labels=["model"])
-            for model, report in reports.items():
-                if key in report:
-                    family.add_metric([model], report[key])
-            yield family
-        for key, (name, doc) in self.COUNTERS.items():
-            family = CounterMetricFamily(name, doc, labels=["model"])
-            for model, report in reports.items():
-                if key in report:
-                    family.add_metric([model], report[key])
-            yield family
+        for kinds, make in ((self.GAUGES, GaugeMetricFamily), (self.COUNTERS, CounterMetricFamily)):
+            for key, (name, doc) in kinds.items():
+                family = make(name, doc, labels=["model"])
+                for model, report in reports.items():
+                    if key in report:
+                        family.add_metric([model], report[key])
+                yield family
