@@ -434,8 +434,8 @@ class LlamaCppEngine:
         return TokenStep(token, self.token_bytes(token), float(logprobs[token]), top)
 
     def _end(self, seq: _Seq, reason: str) -> None:
+        self._release(seq, keep_cache=True)  # first: once the client hears of the end, the slot is free
         seq.stream.push(seq.index, SeqEnd(reason, seq.cached))
-        self._release(seq, keep_cache=True)
 
     def _release(self, seq: _Seq, *, keep_cache: bool) -> None:
         if seq in self._active:
