@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from localai_aio import keys
 from localai_aio.app import create_app
 from localai_aio.backends.base import BackendError
-from localai_aio.config import ModelConfig, ServerSettings
+from localai_aio.config import ConfigError, ModelConfig, ServerSettings
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
 from localai_aio.registry import ModelRegistry
@@ -227,3 +228,77 @@ async def test_overload_renders_503_with_retry_after(tmp_path: Path, aiohttp_cli
     assert resp.status == 503 and resp.headers["Retry-After"] == "3"
     assert (await resp.json())["error"] == {"message": "Model 'a' is busy", "type": "server_error",
                                             "param": None, "code": "server_overloaded"}
+
+
+async def test_cancelled_waiters_never_strand_a_free_instance() -> None:
+    """Waiters cancelled at random, also just as they are woken: every other request still gets the
+    instance, and it is free at the end."""
+    import random
+
+    reg = make_registry(RecordingBackend(), queue_size=100)
+    rng = random.Random(7)
+    done: list[int] = []
+
+    async def use(i: int) -> None:
+        async with reg.acquire("a"):
+            await asyncio.sleep(rng.choice((0, 0.001, 0.003)))
+        done.append(i)
+
+    for _ in range(5):
+        tasks = [asyncio.ensure_future(use(i)) for i in range(30)]
+        doomed = rng.sample(tasks, 12)
+        for task in doomed:
+            await asyncio.sleep(rng.choice((0, 0, 0.001)))
+            task.cancel()
+        finished, pending = await asyncio.wait(tasks, timeout=10)
+        assert not pending, "a waiter was left beside a free instance"
+        survivors = [t for t in tasks if not t.cancelled()]
+        assert all(t.exception() is None for t in survivors)
+    slot = reg._slots["a"]
+    assert slot.users == 0 and slot.free.qsize() == 1
+
+
+async def test_preloaded_models_are_pinned(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    backend = RecordingBackend()
+    configs = {n: ModelConfig(name=n, backend="test", model_path=None) for n in ("a", "b")}
+    settings = ServerSettings(models_path=str(tmp_path), config_dir=str(tmp_path / "d"), preload_models=("a",),
+                              idle_timeout=0.1, max_loaded_models=1)
+    client = await make_client(settings, model_configs=configs, backends={"test": backend})
+    for _ in range(50):
+        if (await client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # several idle timeouts
+    resp = await client.get("/readyz")
+    assert resp.status == 200 and (await resp.json())["loaded"] == ["a"]
+    reg = client.server.app[keys.REGISTRY]
+    with pytest.raises(ServerBusy, match="in use or preloaded"):  # a is not evicted to make room for b
+        async with reg.acquire("b"):
+            pass
+    assert backend.closed == [] and reg.loaded_names() == ["a"]
+
+
+async def test_failed_preload_is_reported(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    backend = RecordingBackend(fail_times=1)
+    configs = {"a": ModelConfig(name="a", backend="test", model_path=None)}
+    settings = ServerSettings(models_path=str(tmp_path), config_dir=str(tmp_path / "d"), preload_models=("a",))
+    client = await make_client(settings, model_configs=configs, backends={"test": backend})
+    for _ in range(50):
+        resp = await client.get("/readyz")
+        if (await resp.json())["status"] != "loading":
+            break
+        await asyncio.sleep(0.05)
+    assert resp.status == 503
+    assert await resp.json() == {"status": "failed", "pending": [],
+                                 "failed": {"a": "Model 'a' cannot be loaded: file is damaged"}}
+    async with client.server.app[keys.REGISTRY].acquire("a"):  # a later load succeeds: ready again
+        pass
+    assert (await client.get("/readyz")).status == 200
+
+
+def test_unknown_preload_name_is_a_startup_error(tmp_path: Path) -> None:
+    configs = {"chat": ModelConfig(name="chat", backend="test", model_path=None, aliases=("gpt-4",))}
+    ok = ServerSettings(models_path=str(tmp_path), config_dir=str(tmp_path / "d"), preload_models=("gpt-4",))
+    create_app(ok, model_configs=configs)
+    with pytest.raises(ConfigError, match=r"^--preload-models names no configured model: chta \(configured: chat\)$"):
+        create_app(ok.replace(preload_models=("chta",)), model_configs=configs)

@@ -104,6 +104,11 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
         model_configs, problems = load_model_configs(settings.models_path)
         for problem in problems:
             log.warning("%s", problem)
+    known = set(model_configs) | {alias for cfg in model_configs.values() for alias in cfg.aliases}
+    unknown = [name for name in settings.preload_models if name not in known]
+    if unknown:
+        raise ConfigError(f"--preload-models names no configured model: {', '.join(unknown)} "
+                          f"(configured: {', '.join(sorted(model_configs)) or 'none'})")
     app = web.Application(
         client_max_size=settings.upload_limit_bytes,
         middlewares=[request_log_middleware, error_middleware, auth_middleware, body_middleware,

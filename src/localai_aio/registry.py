@@ -11,7 +11,12 @@ Why it is shaped this way:
   requests, which its own loop runs together. Other backends get ``parallel`` instances, one request
   each. Either way requests beyond ``parallel`` wait in a bounded queue, then get 503 with
   ``Retry-After``.
+- Free instances wait in an ``asyncio.Queue``: a waiter cancelled just as it is woken passes the
+  wake-up on (``asyncio.Condition`` loses it on Python 3.11 and 3.12, leaving a waiter beside a free
+  instance).
 - ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
+  Preloaded models are pinned: neither unloads them, so readiness stays true; a failed preload is
+  remembered with its reason for ``/readyz``.
 """
 
 from __future__ import annotations
@@ -65,12 +70,13 @@ class _Slot:
     cfg: ModelConfig
     parallel: int = 1  # requests served at once
     shared: bool = False  # one batching instance serves them all
+    pinned: bool = False  # preloaded: never unloaded for idleness or room
     instances: list[EngineHandle] = field(default_factory=list)
-    free: list[EngineHandle] = field(default_factory=list)
+    free: asyncio.Queue[EngineHandle | None] = field(default_factory=asyncio.Queue)  # None: unloaded
     users: int = 0  # requests inside acquire(): waiting, loading or running
     last_used: float = 0.0
     loading: asyncio.Future[None] | None = None
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    load_error: str | None = None  # why the last load failed, until one succeeds
 
     @property
     def loaded(self) -> bool:
@@ -87,6 +93,10 @@ class ModelRegistry:
         for name, cfg in configs.items():
             shared = self.backend_name(cfg) in CONCURRENT_BACKENDS
             self._slots[name] = _Slot(cfg, cfg.parallel or (settings.parallel if shared else 1), shared)
+        for name in settings.preload_models:  # create_app refuses unknown names before this
+            slot = self._slots.get(name) or self._slots.get(self._aliases.get(name, ""))
+            if slot is not None:
+                slot.pinned = True
         self._aliases: dict[str, str] = {}
         for name, cfg in configs.items():
             for alias in cfg.aliases:
@@ -132,6 +142,10 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return self._slots[self.config(name).name].loaded
 
+    def load_error(self, name: str) -> str | None:
+        """Why the model's last load failed, until a load succeeds."""
+        return self._slots[self.config(name).name].load_error
+
     def loaded_names(self) -> list[str]:
         return [name for name, slot in self._slots.items() if slot.loaded]
 
@@ -144,7 +158,7 @@ class ModelRegistry:
             if slot.shared:
                 reports[name] = dict(slot.instances[0].engine.load_report())
             else:
-                busy = len(slot.instances) - len(slot.free)
+                busy = len(slot.instances) - slot.free.qsize()
                 reports[name] = {"busy": busy, "queued": max(0, slot.users - busy)}
         return reports
 
@@ -167,19 +181,17 @@ class ModelRegistry:
                     raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
                 yield slot.instances[0]
                 return
-            async with slot.cond:
-                await slot.cond.wait_for(lambda: bool(slot.free) or not slot.loaded)
-                if not slot.loaded:  # unloaded while we waited (only on shutdown)
-                    raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
-                engine = slot.free.pop()
+            free = slot.free
+            engine = await free.get()
+            if engine is None:  # unloaded while we waited (only on shutdown): tell the next waiter too
+                free.put_nowait(None)
+                raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
             yield engine
         finally:
             slot.users -= 1
             slot.last_used = time.monotonic()
-            if engine is not None:
-                async with slot.cond:
-                    slot.free.append(engine)
-                    slot.cond.notify()
+            if engine is not None and engine in slot.instances:
+                slot.free.put_nowait(engine)
 
     async def load(self, name: str) -> None:
         await self._ensure_loaded(self._slots[self.config(name).name])
@@ -192,6 +204,9 @@ class ModelRegistry:
         task = slot.loading
         try:
             await asyncio.shield(task)
+        except ModelLoadFailed as exc:
+            slot.load_error = exc.message
+            raise
         finally:
             if task.done() and slot.loading is task:
                 slot.loading = None  # success or failure: a failed load is retried by the next request
@@ -227,11 +242,12 @@ class ModelRegistry:
             raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {type(exc).__name__}",
                                   param="model") from None
         elapsed = time.monotonic() - started
-        async with slot.cond:
-            slot.instances = instances
-            slot.free = list(instances)
-            slot.last_used = time.monotonic()
-            slot.cond.notify_all()
+        slot.instances = instances
+        slot.free = asyncio.Queue()
+        for handle in instances:
+            slot.free.put_nowait(handle)
+        slot.last_used = time.monotonic()
+        slot.load_error = None
         log.info("loaded model %s in %.2f s", cfg.name, elapsed)
         if self._metrics:
             self._metrics.model_loads.labels(cfg.name).observe(elapsed)
@@ -259,18 +275,18 @@ class ModelRegistry:
         async with self._evict_lock:
             others = [s for s in self._slots.values() if s is not slot and (s.loaded or s.loading)]
             while len(others) >= limit:
-                idle = [s for s in others if s.loaded and s.users == 0]
+                idle = [s for s in others if s.loaded and s.users == 0 and not s.pinned]
                 if not idle:
-                    raise ServerBusy(f"{limit} model(s) are loaded and all are in use; "
+                    raise ServerBusy(f"{limit} model(s) are loaded and all are in use or preloaded; "
                                      f"cannot load '{slot.cfg.name}' now", retry_after=2)
                 victim = min(idle, key=lambda s: s.last_used)
                 await self._unload(victim, reason="least recently used")
                 others.remove(victim)
 
     async def _unload(self, slot: _Slot, reason: str) -> None:
-        async with slot.cond:
-            instances, slot.instances, slot.free = slot.instances, [], []
-            slot.cond.notify_all()
+        instances, slot.instances, free = slot.instances, [], slot.free
+        slot.free = asyncio.Queue()
+        free.put_nowait(None)  # wakes the waiters of the old queue, one after another
         if not instances:
             return
         started = time.monotonic()
@@ -294,7 +310,7 @@ class ModelRegistry:
         now = time.monotonic() if now is None else now
         done = []
         for slot in list(self._slots.values()):
-            if slot.loaded and slot.users == 0 and now - slot.last_used >= timeout:
+            if slot.loaded and slot.users == 0 and not slot.pinned and now - slot.last_used >= timeout:
                 await self._unload(slot, reason=f"idle for {timeout:g} s")
                 done.append(slot.cfg.name)
         return done

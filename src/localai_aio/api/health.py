@@ -22,6 +22,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     reg = request.app[keys.REGISTRY]
     pending = [name for name in request.app[keys.SETTINGS].preload_models if not reg.is_loaded(name)]
+    failed = {name: error for name in pending if (error := reg.load_error(name))}
+    if failed:
+        return web.json_response({"status": "failed", "failed": failed,
+                                  "pending": [n for n in pending if n not in failed]}, status=503)
     if pending:
         return web.json_response({"status": "loading", "pending": pending}, status=503,
                                  headers={"Retry-After": "1"})
