@@ -89,3 +89,28 @@ async def test_model_names_cannot_traverse(client) -> None:  # noqa: ANN001
         resp = await client.post(CHAT, json={"model": name, "messages": HI})
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+async def test_unreadable_model_json_names_the_file_not_its_path(make_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """An OSError's text carries the full path (as a non-root server meets a file it may not read)."""
+    models = tmp_path / "models"
+    write_standin_embedder(models / "locked")
+    write_model_yaml(models, "locked", backend="onnx-embeddings", parameters={"model": "locked"})
+    locked = (models / "locked" / "config.json").resolve()
+    locked.write_text("{}")
+    read_text = Path.read_text
+
+    def refuse(self: Path, *args, **kwargs) -> str:  # noqa: ANN002, ANN003
+        if self.resolve() == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    resp = await client.post("/v1/embeddings", json={"model": "locked", "input": "a"})
+    assert resp.status == 500
+    err = (await resp.json())["error"]
+    assert err["code"] == "model_load_failed"
+    assert err["message"] == "Model 'locked' cannot be loaded: cannot read config.json: [Errno 13] Permission " \
+        "denied: 'config.json'"

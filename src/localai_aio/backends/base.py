@@ -10,6 +10,7 @@ that lacks one simply does not define it, and the API layer answers 400 naming t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +40,14 @@ def scrub(message: object, path: Path) -> str:
                        key=len, reverse=True):
         text = text.replace(full, path.name if full.endswith(path.name) else "<models>")
     return text[:300]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file ({} when absent); errors name the file, never its full path."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot read {path.name}: {scrub(exc, path)}") from None
 
 
 def threads_for(cfg: ModelConfig, settings: ServerSettings) -> int:

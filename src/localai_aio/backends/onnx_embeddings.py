@@ -10,15 +10,14 @@ longest text.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, require_file
+from localai_aio.backends.base import BackendError, read_json, require_file
 from localai_aio.backends.onnx_common import make_session
 
 if TYPE_CHECKING:
@@ -26,13 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RUN_BATCH = 16  # texts per ONNX run inside one merged batch
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"cannot read {path.name}: {exc}") from None
 
 
 class OnnxEmbeddingEngine:
@@ -43,9 +35,9 @@ class OnnxEmbeddingEngine:
         if not folder.is_dir() or not (folder / "model.onnx").is_file() or not (folder / "tokenizer.json").is_file():
             raise BackendError("an onnx-embeddings model is a folder with model.onnx and tokenizer.json")
         self.name = cfg.name
-        config = _read_json(folder / "config.json")
-        st_config = _read_json(folder / "sentence_bert_config.json")
-        tok_config = _read_json(folder / "tokenizer_config.json")
+        config = read_json(folder / "config.json")
+        st_config = read_json(folder / "sentence_bert_config.json")
+        tok_config = read_json(folder / "tokenizer_config.json")
         limits = [v for v in (st_config.get("max_seq_length"), config.get("max_position_embeddings"),
                               tok_config.get("model_max_length")) if isinstance(v, int) and 0 < v < 1_000_000]
         self.max_length = int(cfg.option("max_length") or (min(limits) if limits else 512))
@@ -68,14 +60,14 @@ class OnnxEmbeddingEngine:
 
     @staticmethod
     def _pooling_from(folder: Path) -> str:
-        pooling = _read_json(folder / "1_Pooling" / "config.json")
+        pooling = read_json(folder / "1_Pooling" / "config.json")
         if pooling.get("pooling_mode_cls_token"):
             return "cls"
         return "mean"
 
     @staticmethod
     def _normalize_from(folder: Path) -> bool:
-        modules = _read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
+        modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else []
         return any("Normalize" in str(m.get("type", "")) for m in modules) if isinstance(modules, list) else False
 
     def embedding_tokens(self, texts: Sequence[str]) -> list[list[int]]:

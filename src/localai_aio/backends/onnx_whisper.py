@@ -14,16 +14,14 @@ is decoded again at higher temperatures, as Whisper does, so decoding does not l
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, require_file
+from localai_aio.backends.base import BackendError, read_json, require_file
 from localai_aio.backends.onnx_common import make_session
 from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, features_for
 
@@ -92,8 +90,8 @@ class WhisperEngine:
         if not folder.is_dir() or missing:
             raise BackendError(f"an onnx-whisper model is an optimum-exported folder; missing: {', '.join(missing)}")
         self.name = cfg.name
-        config = _read(folder / "config.json")
-        generation = _read(folder / "generation_config.json")
+        config = read_json(folder / "config.json")
+        generation = read_json(folder / "generation_config.json")
         self.n_mels = int(config.get("num_mel_bins", 80))
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.encoder = make_session(folder / "encoder_model.onnx", cfg, settings, spinning=True)
@@ -295,13 +293,6 @@ class WhisperEngine:
 
     def close(self) -> None:
         self.encoder = self.decoder = self.decoder_past = None
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"cannot read {path.name}: {exc}") from None
 
 
 def load(cfg: ModelConfig, settings: ServerSettings) -> WhisperEngine:

@@ -11,14 +11,13 @@ may be a speaker name or number of a multi-speaker voice, a name from the YAML's
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, require_file
+from localai_aio.backends.base import BackendError, read_json, require_file
 from localai_aio.backends.onnx_common import make_session
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class PiperEngine:
         except ImportError:
             raise BackendError("piper-tts is not installed; install it with: pip install 'localai-aio[tts]'") from None
         try:
-            config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            config = PiperConfig.from_dict(read_json(config_path))
         except (ValueError, KeyError, TypeError) as exc:
             raise BackendError(f"{config_path.name} is not a Piper voice config: {exc}") from None
         self.name = cfg.name
