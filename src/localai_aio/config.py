@@ -151,6 +151,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("generated_max_age", 3600.0, _positive_float,
             "Generated images are deleted once older than this many seconds.",
             ("LOCALAI_GENERATED_MAX_AGE",), "SECONDS"),
+    Setting("write_timeout", 30.0, _positive_float,
+            "Seconds a streaming client may take no data before its connection is dropped. 0 waits forever.",
+            ("LOCALAI_WRITE_TIMEOUT",), "SECONDS"),
     Setting("shutdown_timeout", 30.0, _positive_float,
             "Seconds in-flight requests get to finish after SIGTERM.",
             ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
@@ -185,6 +188,7 @@ class ServerSettings:
     max_batch_size: int = 64
     image_max_size: int = 1024
     generated_max_age: float = 3600.0
+    write_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,8 +12,12 @@ from localai_aio import keys
 
 
 class EventStream:
-    def __init__(self, request: web.Request):
+    """An SSE response. A client that takes no data for ``write_timeout`` seconds is dropped: its
+    buffered events are not worth a connection held open forever."""
+
+    def __init__(self, request: web.Request, write_timeout: float | None = None):
         self.request = request
+        self.write_timeout = write_timeout or None
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             "X-Request-ID": request.get(keys.REQUEST_ID, ""),
@@ -26,7 +31,12 @@ class EventStream:
         if not self.response.prepared:
             await self.response.prepare(self.request)
         data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        await self.response.write(f"data: {data}\n\n".encode())
+        try:
+            await asyncio.wait_for(self.response.write(f"data: {data}\n\n".encode()), self.write_timeout)
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ConnectionResetError(f"the client read nothing for {self.write_timeout:g} s") from None
 
     async def done(self) -> web.StreamResponse:
         await self.send("[DONE]")
