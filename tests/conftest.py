@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -176,3 +177,31 @@ async def sse_events(resp) -> list:  # noqa: ANN001
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     assert events[-1] == "[DONE]"
     return events[:-1]
+
+
+async def stalled_request(client, path: str, body: dict) -> socket.socket:  # noqa: ANN001
+    """Send ``body`` to ``path`` on the test server from a raw socket with a tiny receive buffer that the
+    caller never reads: a client that has stopped reading. Close the socket when done."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (client.server.host, client.server.port))
+    data = json.dumps(body).encode()
+    await loop.sock_sendall(sock, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return sock
+
+
+async def drain_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sent on ``sock``, until it closes the connection (10 s without data fails)."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk

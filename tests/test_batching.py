@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import default_model_configs, sse_events, write_model_yaml
+from conftest import default_model_configs, drain_until_closed, sse_events, stalled_request, write_model_yaml
 from localai_aio.config import ServerSettings
 from tiny_models import write_standin_embedder, write_tiny_gguf
 
@@ -297,8 +297,6 @@ async def test_a_client_that_stops_reading_does_not_hold_the_model(make_client, 
     """A raw socket asks for a long stream and never reads. Once generation ends the model serves the
     next request at once (with no queue: a held model would answer 503), and after --write-timeout the
     stalled connection is dropped."""
-    import socket
-
     models = tmp_path / "models"
     models.mkdir()
     (models / "t.gguf").write_bytes(tiny_gguf.read_bytes())
@@ -306,15 +304,8 @@ async def test_a_client_that_stops_reading_does_not_hold_the_model(make_client, 
                      parameters={"model": "t.gguf"})
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
                                               queue_size=0, write_timeout=1.5))
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, (client.server.host, client.server.port))
-    body = json.dumps({"model": "slow", "prompt": [HELLO], "max_tokens": 12000, "stream": True, "logprobs": 5,
-                       "temperature": 0}).encode()
-    await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = await stalled_request(client, COMPLETIONS, {"model": "slow", "prompt": [HELLO], "max_tokens": 12000,
+                                                       "stream": True, "logprobs": 5, "temperature": 0})
     try:
         seen = []
         for _ in range(1200):  # generation starts, then ends (its events wait in the server's buffer)
@@ -330,15 +321,7 @@ async def test_a_client_that_stops_reading_does_not_hold_the_model(make_client, 
         assert second.status == 200, await second.text()
         assert (await second.json())["choices"][0]["text"] == "! Hello world"
         await asyncio.sleep(2.5)  # past the write timeout
-        received = b""
-        while True:  # what the server managed to send, then the end of the connection
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        received = await drain_until_closed(sock)
         assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received
         assert received.count(b"\ndata: ") < 12000  # dropped long before the end of the stream
     finally:

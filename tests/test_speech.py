@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_MODELS, default_model_configs, write_model_yaml
+from conftest import DEFAULT_MODELS, default_model_configs, drain_until_closed, stalled_request, write_model_yaml
 from localai_aio.config import ServerSettings
 from tiny_models import STANDIN_SAMPLES_PER_PHONEME, write_standin_piper
 
@@ -207,3 +207,31 @@ async def test_failure_mid_stream_ends_the_audio_and_the_server_keeps_serving(tt
     monkeypatch.setattr(piper_tts.PiperEngine, "synthesize", original)
     ok = await client.post(SPEECH, json={"model": "voice", "input": "Hi.", "response_format": "pcm"})
     assert ok.status == 200 and len(await ok.read()) > 0
+
+
+async def test_a_client_that_stops_reading_does_not_hold_the_voice(make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    """The audio of a long text waits in the server, not in the engine: once it is synthesized the voice
+    serves the next request at once (with no queue: a held voice would answer 503), and after
+    --write-timeout the stalled connection is dropped."""
+    models = tmp_path / "models"
+    write_standin_piper(models / "voice.onnx")
+    write_model_yaml(models, "voice", backend="piper", parameters={"model": "voice.onnx"})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
+                                              queue_size=0, write_timeout=1.5))
+    text = " ".join(f"This is sentence number {i} of a long text." for i in range(300))[:4096]
+    sock = await stalled_request(client, SPEECH, {"model": "voice", "input": text, "response_format": "wav"})
+    try:
+        for _ in range(400):  # synthesis of the whole text ends
+            report = await (await client.get("/metrics")).text()
+            if 'localai_inference_duration_seconds_count{model="voice",task="speech"} 1.0' in report:
+                break
+            await asyncio.sleep(0.05)
+        assert 'localai_inference_duration_seconds_count{model="voice",task="speech"} 1.0' in report
+        second = await client.post(SPEECH, json={"model": "voice", "input": "Hi.", "response_format": "wav"})
+        assert second.status == 200 and (await second.read())[:4] == b"RIFF"
+        await asyncio.sleep(2.5)  # past the write timeout
+        received = await drain_until_closed(sock)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert not received.endswith(b"0\r\n\r\n")  # the chunked body never ended: the connection was dropped
+    finally:
+        sock.close()

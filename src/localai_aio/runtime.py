@@ -23,7 +23,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
@@ -190,3 +190,44 @@ async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[Canc
         flag.set()
         # Wait for the worker even when cancelled, so the caller only frees the engine once it is idle.
         await asyncio.shield(future)
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+async def produced(produce: Callable[[Callable[[Any], None]], Awaitable[None]]) -> AsyncIterator[Any]:
+    """Run ``produce(put)`` in a task of its own and yield what it puts, at the consumer's pace.
+
+    Why: a response written at the client's pace must not hold what the producer holds (a model).
+    The producer never waits for the consumer; what it puts waits here (callers bound it: a token
+    budget, a text's audio). Its exception is raised to the consumer in order; when the consumer
+    leaves (close this with ``contextlib.aclosing``), the producer is cancelled and awaited.
+    """
+    out: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            await produce(out.put_nowait)
+        except BaseException as exc:
+            out.put_nowait(_Failed(exc))
+            raise
+        out.put_nowait(_DONE)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while True:
+            item = await out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task

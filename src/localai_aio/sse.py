@@ -11,6 +11,17 @@ from aiohttp import web
 from localai_aio import keys
 
 
+async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes,
+                        patience: float | None) -> None:
+    """Write ``data``; a client that takes none of it for ``patience`` seconds loses its connection."""
+    try:
+        await asyncio.wait_for(response.write(data), patience or None)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(f"the client read nothing for {patience:g} s") from None
+
+
 class EventStream:
     """An SSE response. A client that takes no data for ``write_timeout`` seconds is dropped: its
     buffered events are not worth a connection held open forever."""
@@ -31,12 +42,7 @@ class EventStream:
         if not self.response.prepared:
             await self.response.prepare(self.request)
         data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        try:
-            await asyncio.wait_for(self.response.write(f"data: {data}\n\n".encode()), self.write_timeout)
-        except TimeoutError:
-            if self.request.transport is not None:
-                self.request.transport.abort()
-            raise ConnectionResetError(f"the client read nothing for {self.write_timeout:g} s") from None
+        await write_or_drop(self.request, self.response, f"data: {data}\n\n".encode(), self.write_timeout)
 
     async def done(self) -> web.StreamResponse:
         await self.send("[DONE]")

@@ -7,10 +7,12 @@ while the rest is synthesized. A client that leaves stops the synthesis at the n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +22,8 @@ from localai_aio.api.common import json_route, registry, resolve_model
 from localai_aio.audio import FORMATS, AudioFormat, StreamEncoder
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
+from localai_aio.runtime import produced
+from localai_aio.sse import write_or_drop
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -59,51 +63,63 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
                 fmt: AudioFormat, rate: int | None) -> web.StreamResponse:
     app = request.app
     started = time.perf_counter()
-    async with app[keys.REGISTRY].acquire(cfg.name) as handle:
-        engine = handle.engine
-        from localai_aio.backends.piper_tts import UnknownVoice
+    sentences = 0
 
-        try:
-            speaker = engine.speaker_for(voice)
-        except UnknownVoice as exc:
-            raise InvalidRequest(str(exc), param="voice") from None
-        response = web.StreamResponse(headers={"Content-Type": fmt.content_type,
-                                               "X-Request-ID": request.get(keys.REQUEST_ID, "")})
-        response.enable_chunked_encoding()
-        sentences = 0
+    async def synthesize(put: Callable[[bytes | None], None]) -> None:
+        """Hold the voice only while synthesizing: ``put`` None once the voice is known, then the audio.
+        The audio waits for the client here, not in the engine (a text's audio is bounded by the input)."""
+        async with app[keys.REGISTRY].acquire(cfg.name) as handle:
+            engine = handle.engine
+            from localai_aio.backends.piper_tts import UnknownVoice
 
-        def encoded(cancel):  # noqa: ANN001, ANN202 - runs in the worker: synthesis and encoding together
-            encoder = StreamEncoder(fmt, engine.sample_rate, rate)
-            for samples in engine.synthesize(text, speaker=speaker, speed=speed, cancel=cancel):
-                yield encoder.feed(samples)
-            yield encoder.finish()
+            try:
+                speaker = engine.speaker_for(voice)
+            except UnknownVoice as exc:
+                raise InvalidRequest(str(exc), param="voice") from None
+            put(None)
 
-        chunks = handle.iterate(encoded, maxsize=2)
-        try:
+            def encoded(cancel):  # noqa: ANN001, ANN202 - on the engine's thread: synthesis and encoding together
+                encoder = StreamEncoder(fmt, engine.sample_rate, rate)
+                for samples in engine.synthesize(text, speaker=speaker, speed=speed, cancel=cancel):
+                    yield encoder.feed(samples)
+                yield encoder.finish()
+
+            chunks = handle.iterate(encoded)
+            try:
+                async for data in chunks:
+                    put(data)
+            finally:
+                await chunks.aclose()
+                app[keys.METRICS].inference.labels(cfg.name, "speech").observe(time.perf_counter() - started)
+
+    response = web.StreamResponse(headers={"Content-Type": fmt.content_type,
+                                           "X-Request-ID": request.get(keys.REQUEST_ID, "")})
+    response.enable_chunked_encoding()
+    timeout = app[keys.SETTINGS].write_timeout
+    try:
+        async with contextlib.aclosing(produced(synthesize)) as audio:
+            await anext(audio)  # a bad voice is a plain 400 before any audio
             await response.prepare(request)
-            async for data in chunks:
+            async for data in audio:
                 sentences += 1
                 if data:
-                    await response.write(data)
+                    await write_or_drop(request, response, data, timeout)
             sentences -= 1  # the last item is the encoder's tail, not a sentence
             await response.write_eof()
-        except (ConnectionResetError, OSError, asyncio.CancelledError) as exc:
-            log.info("client left during speech from %s after %d sentence(s); synthesis stopped", cfg.name,
-                     sentences)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        except Exception:
-            if not response.prepared:
-                raise
-            # The audio headers are out; an error body cannot follow. Cut the stream so the client sees it end.
-            log.exception("speech from %s failed after %d sentence(s) (request id %s)", cfg.name, sentences,
-                          request.get(keys.REQUEST_ID))
-            if request.transport is not None:
-                request.transport.abort()
-        finally:
-            await chunks.aclose()
-            app[keys.METRICS].inference.labels(cfg.name, "speech").observe(time.perf_counter() - started)
-            app[keys.METRICS].tts_sentences.labels(cfg.name).inc(sentences)
+    except (ConnectionResetError, OSError, asyncio.CancelledError) as exc:
+        log.info("client left during speech from %s after %d sentence(s); synthesis stopped", cfg.name, sentences)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    except Exception:
+        if not response.prepared:
+            raise
+        # The audio headers are out; an error body cannot follow. Cut the stream so the client sees it end.
+        log.exception("speech from %s failed after %d sentence(s) (request id %s)", cfg.name, sentences,
+                      request.get(keys.REQUEST_ID))
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        app[keys.METRICS].tts_sentences.labels(cfg.name).inc(max(sentences, 0))
     return response
 
 

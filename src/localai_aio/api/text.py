@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,6 +35,7 @@ from localai_aio.generation import (
     check_prompt_fits,
 )
 from localai_aio.registry import EngineHandle
+from localai_aio.runtime import produced
 from localai_aio.sse import EventStream
 
 log = logging.getLogger(__name__)
@@ -133,37 +135,23 @@ class _Prepared:
     cached: list[int]
 
 
-async def _generate(request: web.Request, job: TextJob, fmt: TextFormat, out: asyncio.Queue) -> None:
-    """Hold the model only while generating: a ``_Prepared``, then every event, then None go to ``out``
-    (or the exception that ended it). The response side writes at the client's pace, from ``out``, so a
-    client that reads slowly never holds the model for anyone else."""
+async def _generate(request: web.Request, job: TextJob, fmt: TextFormat, put: Callable[[Any], None]) -> None:
+    """Hold the model only while generating: ``put`` a ``_Prepared``, then every event. The response is
+    written from these at the client's pace (``runtime.produced``), so a client that reads slowly never
+    holds the model for anyone else."""
     app = request.app
     started = time.perf_counter()
-    try:
-        async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
-            prompts = await handle.run(_prepare, handle.engine, job)
-            prepared = _Prepared(sum(len(p) for p in prompts), list(range(len(prompts) * job.n)), [0] * len(prompts))
-            out.put_nowait(prepared)
-            events = _events(handle, prompts, job, prepared.cached)
-            try:
-                async for event in events:
-                    out.put_nowait(event)
-            finally:
-                await events.aclose()
-                app[keys.METRICS].inference.labels(job.cfg.name, fmt.object_name).observe(
-                    time.perf_counter() - started)
-        out.put_nowait(None)
-    except BaseException as exc:
-        out.put_nowait(exc)
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-
-
-async def _next(out: asyncio.Queue) -> Any:
-    item = await out.get()
-    if isinstance(item, BaseException):
-        raise item
-    return item
+    async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
+        prompts = await handle.run(_prepare, handle.engine, job)
+        prepared = _Prepared(sum(len(p) for p in prompts), list(range(len(prompts) * job.n)), [0] * len(prompts))
+        put(prepared)
+        events = _events(handle, prompts, job, prepared.cached)
+        try:
+            async for event in events:
+                put(event)
+        finally:
+            await events.aclose()
+            app[keys.METRICS].inference.labels(job.cfg.name, fmt.object_name).observe(time.perf_counter() - started)
 
 
 async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, response_id: str,
@@ -172,59 +160,55 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
     model_name = request["data"].get("model") or job.cfg.name
     envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name}
     completion_tokens = 0
-    out: asyncio.Queue = asyncio.Queue()  # bounded by the token budget: at most a context of events
-    producer = asyncio.ensure_future(_generate(request, job, fmt, out))
     try:
-        prepared: _Prepared = await _next(out)  # errors before the answer starts become plain error responses
-        indexes = prepared.indexes
-        if job.stream:
-            stream = EventStream(request, app[keys.SETTINGS].write_timeout)
-            try:
-                for chunk in fmt.first_chunks(indexes):
-                    await stream.send(_with(envelope, chunk, job))
-                for index, text in enumerate(job.prefix_texts):
-                    for i in range(job.n):
-                        if text:
-                            for chunk in fmt.chunks(index * job.n + i, text, None):
-                                await stream.send(_with(envelope, chunk, job))
-                while (event := await _next(out)) is not None:
-                    if isinstance(event, Piece):
-                        chunks = fmt.chunks(event.index, event.text, event.logprobs if job.want_logprobs else None)
-                    else:
-                        completion_tokens += event.completion_tokens
-                        chunks = fmt.finish_chunks(event.index, event.reason)
-                    for chunk in chunks:
+        async with contextlib.aclosing(produced(functools.partial(_generate, request, job, fmt))) as events:
+            prepared: _Prepared = await anext(events)  # errors before the answer starts are plain error responses
+            indexes = prepared.indexes
+            if job.stream:
+                stream = EventStream(request, app[keys.SETTINGS].write_timeout)
+                try:
+                    for chunk in fmt.first_chunks(indexes):
                         await stream.send(_with(envelope, chunk, job))
-                if job.include_usage:
-                    await stream.send({**envelope, "choices": [],
-                                       "usage": _usage(prepared.prompt_tokens, completion_tokens,
-                                                       sum(prepared.cached))})
-                return await stream.done()
-            except (ConnectionResetError, asyncio.CancelledError):
-                log.info("client left during a stream of %s; generation stopped", job.cfg.name)
-                raise
-            except Exception as exc:
-                if not stream.started:
+                    for index, text in enumerate(job.prefix_texts):
+                        for i in range(job.n):
+                            if text:
+                                for chunk in fmt.chunks(index * job.n + i, text, None):
+                                    await stream.send(_with(envelope, chunk, job))
+                    async for event in events:
+                        if isinstance(event, Piece):
+                            chunks = fmt.chunks(event.index, event.text,
+                                                event.logprobs if job.want_logprobs else None)
+                        else:
+                            completion_tokens += event.completion_tokens
+                            chunks = fmt.finish_chunks(event.index, event.reason)
+                        for chunk in chunks:
+                            await stream.send(_with(envelope, chunk, job))
+                    if job.include_usage:
+                        await stream.send({**envelope, "choices": [],
+                                           "usage": _usage(prepared.prompt_tokens, completion_tokens,
+                                                           sum(prepared.cached))})
+                    return await stream.done()
+                except (ConnectionResetError, asyncio.CancelledError):
+                    log.info("client left during a stream of %s; generation stopped", job.cfg.name)
                     raise
-                err = exc if isinstance(exc, APIError) else InternalError("Generation failed")
-                if not isinstance(exc, APIError):
-                    log.exception("generation failed mid-stream (request id %s)", request.get(keys.REQUEST_ID))
-                return await stream.fail(err.body())
-        texts: dict[int, list[str]] = {i: [] for i in indexes}
-        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in indexes}
-        reasons: dict[int, str] = {}
-        while (event := await _next(out)) is not None:
-            if isinstance(event, Piece):
-                texts[event.index].append(event.text)
-                logprobs[event.index].extend(event.logprobs)
-            elif isinstance(event, Finish):
-                reasons[event.index] = event.reason
-                completion_tokens += event.completion_tokens
+                except Exception as exc:
+                    if not stream.started:
+                        raise
+                    err = exc if isinstance(exc, APIError) else InternalError("Generation failed")
+                    if not isinstance(exc, APIError):
+                        log.exception("generation failed mid-stream (request id %s)", request.get(keys.REQUEST_ID))
+                    return await stream.fail(err.body())
+            texts: dict[int, list[str]] = {i: [] for i in indexes}
+            logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in indexes}
+            reasons: dict[int, str] = {}
+            async for event in events:
+                if isinstance(event, Piece):
+                    texts[event.index].append(event.text)
+                    logprobs[event.index].extend(event.logprobs)
+                elif isinstance(event, Finish):
+                    reasons[event.index] = event.reason
+                    completion_tokens += event.completion_tokens
     finally:
-        if not producer.done():
-            producer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await producer
         app[keys.METRICS].tokens.labels(job.cfg.name).inc(completion_tokens)
     choices = []
     for i in indexes:
