@@ -50,9 +50,9 @@ class EngineHandle:
         """Run ``fn`` (a method of the engine, or a function that uses it) on the engine's thread."""
         return await run_blocking(self.thread, fn, *args, **kwargs)
 
-    def iterate(self, make_iter: Callable[[CancelFlag], Iterator[Any]], *, maxsize: int = 0) -> AsyncIterator[Any]:
+    def iterate(self, make_iter: Callable[[CancelFlag], Iterator[Any]]) -> AsyncIterator[Any]:
         """A blocking generator consumed on the engine's thread, its items handed to the event loop."""
-        return iterate_in_thread(self.thread, make_iter, maxsize=maxsize)
+        return iterate_in_thread(self.thread, make_iter)
 
     async def close(self) -> None:
         close = getattr(self.engine, "close", None)

@@ -104,10 +104,6 @@ class EngineThread(Executor):
                     stepper.fail(exc)
 
 
-class _Abandoned(Exception):
-    """The consumer left while the worker waited to hand over an item."""
-
-
 async def run_blocking(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
@@ -127,31 +123,20 @@ class CancelFlag:
         return self._event.is_set()
 
 
-async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[CancelFlag], Iterator[T]],
-                            *, maxsize: int = 0) -> AsyncIterator[T]:
+async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[CancelFlag], Iterator[T]]
+                            ) -> AsyncIterator[T]:
     """Run ``make_iter(flag)`` in a worker thread and yield its items on the event loop.
 
-    The worker stops at the next item once the returned async iterator is closed or cancelled;
-    the worker is awaited before this generator finishes, so the engine is released when it returns.
+    The worker never waits for the consumer (its items wait in a queue here). It stops at the next item
+    once the returned async iterator is closed or cancelled; the worker is awaited before this
+    generator finishes, so the engine is released when it returns.
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
     flag = CancelFlag()
 
     def put(item: Any) -> None:
-        if not maxsize:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-            return
-        # Bounded: the worker waits for room (backpressure), but gives up once the consumer is gone.
-        pending = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-        while True:
-            try:
-                pending.result(timeout=0.05)
-                return
-            except concurrent.futures.TimeoutError:
-                if flag.is_set():
-                    pending.cancel()
-                    raise _Abandoned from None
+        loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def work() -> None:
         try:
@@ -167,14 +152,10 @@ async def iterate_in_thread(executor: Executor | None, make_iter: Callable[[Canc
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
-        except _Abandoned:
-            return
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            with contextlib.suppress(_Abandoned):
-                put((False, exc))
+            put((False, exc))
         else:
-            with contextlib.suppress(_Abandoned):
-                put((True, _DONE))
+            put((True, _DONE))
 
     ctx = contextvars.copy_context()
     future = loop.run_in_executor(executor, ctx.run, work)
