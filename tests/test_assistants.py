@@ -280,3 +280,45 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(server_process, models
             page = client.beta.assistants.list(limit=100, after=after)
             stored |= {a.id for a in page.data}
     assert set(acknowledged) <= stored
+
+
+def test_start_sweeps_bytes_no_record_points_to(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A crash between an upload's rename and its COMMIT, or between a delete's COMMIT and its unlink,
+    leaves stored bytes without a record: the next start removes them and reports records without bytes."""
+    import logging
+
+    from localai_aio.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path)
+    staged = store.staging_path()
+    staged.write_bytes(b"kept")
+    kept = store.create_file(staged, filename="a.txt", purpose="assistants")
+    store.close()
+    (tmp_path / "files" / "file-0123456789abcdef01234567").write_bytes(b"orphan")
+    (tmp_path / "files" / ".upload-deadbeef").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="localai_aio.store.sqlite"):
+        store = SQLiteStore(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == [kept["id"]]
+    assert "removed 1 stored file(s) that no record points to" in caplog.text
+    (tmp_path / "files" / kept["id"]).unlink()
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="localai_aio.store.sqlite"):
+        SQLiteStore(tmp_path).close()
+    assert f"1 file record(s) have no stored bytes: {kept['id']}" in caplog.text
+
+
+async def test_upload_opens_its_staging_file_once(client, monkeypatch) -> None:  # noqa: ANN001
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if self.name.startswith(".upload-"):
+            opened.append(args[0] if args else kwargs.get("mode", "r"))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    data = bytes(range(256)) * 4096  # 1 MiB: many chunks
+    made = await (await upload(client, data)).json()
+    assert made["bytes"] == len(data)
+    assert opened.count("wb") == 1 and "ab" not in opened
+    assert await (await client.get(f"/v1/files/{made['id']}/content")).read() == data

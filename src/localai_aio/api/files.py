@@ -19,11 +19,6 @@ PURPOSES = ("assistants", "fine-tune", "batch", "vision", "user_data", "evals")
 MAX_FILENAME = 255
 
 
-def _write(path: Path, data: bytes, mode: str) -> None:
-    with path.open(mode) as f:
-        f.write(data)
-
-
 async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | None, str | None]:
     """Text fields in memory, the ``file`` part streamed to a staging file on disk (never held whole)."""
     executor = request.app[keys.EXECUTOR]
@@ -37,9 +32,12 @@ async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | N
             if part.name == "file" and staged is None:
                 staged = store.staging_path()
                 filename = part.filename or "upload"
-                await run_blocking(executor, _write, staged, b"", "wb")
-                async for chunk in upload.chunks(part):
-                    await run_blocking(executor, _write, staged, chunk, "ab")
+                out = await run_blocking(executor, staged.open, "wb")  # opened once, written chunk by chunk
+                try:
+                    async for chunk in upload.chunks(part):
+                        await run_blocking(executor, out.write, chunk)
+                finally:
+                    await run_blocking(executor, out.close)
             elif part.name:
                 fields[part.name] = (await upload.read(part)).decode("utf-8", "replace")
     except BaseException:

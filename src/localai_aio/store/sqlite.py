@@ -4,12 +4,15 @@ Why these settings: a write the API acknowledged must survive ``kill -9`` and a 
 write cut short must never corrupt the database. WAL with FULL sync gives both; every change is one
 transaction. Uploaded bytes live in ``files/`` under server-made names (``file-<hex>``), written to a
 staging name, fsynced and renamed before their row is committed, so a row never points at a partial
-file; an orphaned staged file from a crash is swept at start.
+file; at start, staged files and stored files that no row points to (a crash between the rename and
+the COMMIT, or between a delete's COMMIT and the unlink) are swept, and rows without their bytes are
+reported.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -47,6 +50,9 @@ CREATE TABLE IF NOT EXISTS assistant_files (
 ASSISTANT_FIELDS = ("name", "description", "model", "instructions", "tools", "metadata")
 
 
+log = logging.getLogger(__name__)
+
+
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
@@ -63,8 +69,20 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._sweep()
+
+    def _sweep(self) -> None:
         for stale in self.files_dir.glob(".upload-*"):
             stale.unlink(missing_ok=True)
+        known = {row["id"] for row in self._query("SELECT id FROM files")}
+        orphans = [path for path in self.files_dir.glob("file-*") if path.name not in known]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        if orphans:
+            log.warning("removed %d stored file(s) that no record points to (left by a crash)", len(orphans))
+        missing = sorted(file_id for file_id in known if not (self.files_dir / file_id).is_file())
+        if missing:
+            log.error("%d file record(s) have no stored bytes: %s", len(missing), ", ".join(missing[:10]))
 
     # -- helpers --------------------------------------------------------------------------------------------
 
