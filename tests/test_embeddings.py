@@ -212,3 +212,56 @@ async def test_default_minilm_matches_sentence_transformers(make_client, tmp_pat
     cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() > 0.9999
     assert got[0] @ got[1] > got[0] @ got[2]  # "a cat" is closer to "a kitten" than to "a car"
+
+
+async def test_batcher_runs_up_to_concurrency_batches_and_bounds_what_waits() -> None:
+    from localai_aio.batching import MicroBatcher
+    from localai_aio.errors import ServerBusy
+
+    running = peak = 0
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        return [i * 10 for i in items]
+
+    batcher = MicroBatcher(run, window=0.001, max_size=2, concurrency=2, max_pending=4)
+    try:
+        first = [asyncio.ensure_future(batcher.submit([i])) for i in range(4)]  # two batches of two
+        await asyncio.sleep(0.05)
+        assert peak == 2  # both run at once (a model with two instances)
+        waiting = [asyncio.ensure_future(batcher.submit([i])) for i in range(4, 8)]  # 4 inputs wait
+        await asyncio.sleep(0.05)
+        assert peak == 2
+        with pytest.raises(ServerBusy, match="4 embedding inputs are already waiting"):
+            await batcher.submit([8])
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*first, *waiting), 5)
+        assert results == [[i * 10] for i in range(8)]
+        assert await asyncio.wait_for(batcher.submit([9]), 5) == [90]  # room again
+    finally:
+        release.set()
+
+
+async def test_large_responses_are_encoded_off_the_event_loop(eclient, monkeypatch) -> None:  # noqa: ANN001
+    import threading
+
+    import orjson
+
+    from localai_aio.api import embeddings as api
+
+    threads: list[str] = []
+    dumps = orjson.dumps
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        threads.append(threading.current_thread().name)
+        return dumps(*args, **kwargs)
+
+    monkeypatch.setattr(api.orjson, "dumps", recording)
+    body = await (await eclient.post(E, json={"model": "emb", "input": ["a cat"] * 30})).json()
+    assert len(body["data"]) == 30 and body["data"][29]["index"] == 29
+    assert threads and all(name.startswith("localai-worker") for name in threads)

@@ -4,6 +4,8 @@ A request hands in its items and waits; the first item of a batch opens a short 
 (``window`` seconds); the batch closes when the window ends or ``max_size`` items have arrived, runs
 once, and each request gets its own slice of the results back, in order. A request larger than
 ``max_size`` is run on its own. An error in a run is raised in every request of that batch.
+Up to ``concurrency`` batches run at once (a model's instances); items waiting beyond ``max_pending``
+are refused with 503, so a burst cannot queue without bound.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from localai_aio.errors import ServerBusy
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,10 +28,14 @@ class _Pending(Generic[T]):
 
 
 class MicroBatcher(Generic[T, R]):
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, window: float, max_size: int):
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, window: float, max_size: int,
+                 concurrency: int = 1, max_pending: int | None = None):
         self._run = run
         self.window = window
         self.max_size = max(1, max_size)
+        self.max_pending = max_pending
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._running: set[asyncio.Task] = set()
         self._queue: list[_Pending[T]] = []
         self._size = 0
         self._full = asyncio.Event()
@@ -36,8 +44,11 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         if len(items) >= self.max_size:
-            self.runs += 1
-            return list(await self._run(list(items)))
+            async with self._slots:
+                self.runs += 1
+                return list(await self._run(list(items)))
+        if self.max_pending is not None and self._size + len(items) > self.max_pending:
+            raise ServerBusy(f"{self._size} embedding inputs are already waiting; retry later", retry_after=1)
         pending = _Pending(items)
         self._queue.append(pending)
         self._size += len(items)
@@ -53,6 +64,7 @@ class MicroBatcher(Generic[T, R]):
                 await asyncio.wait_for(self._full.wait(), self.window)
             except TimeoutError:
                 pass
+            await self._slots.acquire()  # at most `concurrency` batches run; the rest keep waiting (and counting)
             batch, taken = [], 0
             while self._queue and (not batch or taken + len(self._queue[0].items) <= self.max_size):
                 pending = self._queue.pop(0)
@@ -61,7 +73,13 @@ class MicroBatcher(Generic[T, R]):
             self._size -= taken
             if self._size < self.max_size:
                 self._full.clear()
-            await self._run_batch(batch)
+            task = asyncio.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _run_batch(self, batch: list[_Pending[T]]) -> None:
         merged: list[Any] = [item for pending in batch for item in pending.items]

@@ -142,6 +142,10 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return self._slots[self.config(name).name].loaded
 
+    def parallel(self, name: str) -> int:
+        """Requests the model serves at once (its instances, or a batching engine's slots)."""
+        return self._slots[self.config(name).name].parallel
+
     def load_error(self, name: str) -> str | None:
         """Why the model's last load failed, until a load succeeds."""
         return self._slots[self.config(name).name].load_error
