@@ -225,22 +225,12 @@ class LocalModel:
     extra_buffers: bool  # weights repacked into llama.cpp's extra buffer types (AMX etc.), as our server does
 
 
-def cpu_has_amx() -> bool:
-    """Whether the CPU advertises AMX. Our server then keeps weights in plain buffers (no repacking) unless
-    the YAML sets ``extra_buffers: true`` (see backends/llama_cpp.py): on virtual machines that advertise AMX
-    without enabling its tile state, llama.cpp built for the native CPU dies with an illegal instruction.
-    The direct and llama-server sides follow the same rule so that all run the same kernels."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return any(line.startswith("flags") and " amx_tile" in line for line in info)
-    except OSError:
-        return False
-
-
 def local_model(models_path: str, model: str, gguf: str | None = None) -> LocalModel | None:
     """Read ``model``'s YAML from ``models_path`` with the project's own loader; None if it is not there
     (and no ``gguf`` was given)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from localai_aio.backends.llama_cpp import extra_buffers  # the server's own rule, so all sides match
+
     try:
         from localai_aio.config import load_model_configs
 
@@ -256,9 +246,9 @@ def local_model(models_path: str, model: str, gguf: str | None = None) -> LocalM
     if cfg is not None and not cfg.error:
         return LocalModel(cfg.name, Path(gguf) if gguf else cfg.model_path, int(cfg.context_size or 2048),
                           cfg.system_prompt, int(cfg.threads) if cfg.threads else None,
-                          bool(cfg.option("extra_buffers", not cpu_has_amx())))
+                          extra_buffers(cfg))
     if gguf:
-        return LocalModel(model, Path(gguf), 2048, None, None, not cpu_has_amx())
+        return LocalModel(model, Path(gguf), 2048, None, None, extra_buffers(None))
     return None
 
 

@@ -57,16 +57,20 @@ MIN_CACHED_TOKENS = 4
 PENALTY_LAST_N = 64
 
 
-def _cpu_has_amx() -> bool:
-    """Whether the CPU advertises AMX. llama.cpp built for the native CPU then repacks weights into AMX
-    buffers, and on virtual machines that advertise AMX without enabling its tile state the first
-    prompt dies with an illegal instruction. Such weights stay in plain buffers unless a model's YAML
-    sets ``extra_buffers: true``."""
+def extra_buffers(cfg: ModelConfig | None) -> bool:
+    """Whether llama.cpp may repack the model's weights into its extra buffer types (AMX and others).
+
+    Not by default on a CPU that advertises AMX: llama.cpp built for the native CPU then repacks into
+    AMX buffers, and on virtual machines that advertise AMX without enabling its tile state the first
+    prompt dies with an illegal instruction. A model's YAML ``extra_buffers`` decides otherwise.
+    """
+    if cfg is not None and cfg.option("extra_buffers") is not None:
+        return bool(cfg.option("extra_buffers"))
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return any(line.startswith("flags") and " amx_tile" in line for line in info)
+            return not any(line.startswith("flags") and " amx_tile" in line for line in info)
     except OSError:
-        return False
+        return True
 
 
 def _install_log_callback(llama_cpp: Any) -> None:
@@ -149,7 +153,7 @@ class LlamaCppEngine:
         threads = threads_for(cfg, settings)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_extra_bufts = bool(cfg.option("extra_buffers", not _cpu_has_amx()))
+        mparams.use_extra_bufts = extra_buffers(cfg)
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if cfg.option("mmap", True) else \
             llama_cpp.LLAMA_LOAD_MODE_NONE
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
