@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import random
-import tempfile
 import threading
 import time
 from collections import deque
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localai_aio.backends import gbnf
 from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, slots_for, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.errors import ServerBusy
@@ -41,10 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# llama.cpp's grammar parser prints its errors straight to the process's stderr; capturing them means
-# redirecting file descriptor 2 for the moment of the parse, one thread at a time. Its other messages
-# go through one process-wide log callback, to this module's logger at debug level.
-_STDERR_LOCK = threading.Lock()
+# llama.cpp's messages go through one process-wide log callback, to this module's logger at debug level;
+# a thread that wants the messages of its own call (a grammar it is checking) collects them here too.
+_CAPTURE = threading.local()
 #: Tokens decoded per step at most (running streams plus prompt chunks).
 BATCH_TOKENS = 512
 #: Token rates in /metrics are averaged over this many seconds.
@@ -79,7 +77,11 @@ def _install_log_callback(llama_cpp: Any) -> None:
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, _user_data: Any) -> None:
-        log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+        message = text.decode("utf-8", "replace").rstrip()
+        log.debug("llama.cpp: %s", message)
+        lines = getattr(_CAPTURE, "lines", None)
+        if lines is not None and message:
+            lines.append(message)
 
     llama_cpp._localai_log_callback = on_log  # the callback must live as long as llama.cpp may call it
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
@@ -221,22 +223,21 @@ class LlamaCppEngine:
         return token in self._eog or bool(self._ll.llama_vocab_is_eog(self._vocab, token))
 
     def check_grammar(self, grammar: str) -> str | None:
-        """None when llama.cpp accepts the GBNF grammar, else the parser's message."""
-        with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
-            saved = os.dup(2)
-            os.dup2(sink.fileno(), 2)
-            try:
-                sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            sink.seek(0)
-            printed = sink.read().decode("utf-8", "replace")
+        """None when llama.cpp accepts the GBNF grammar, else why not: the syntax is checked first
+        (llama.cpp would only print that to stderr), then llama.cpp's own judgement, from the messages it
+        logs on this thread."""
+        problem = gbnf.syntax_error(grammar)
+        if problem:
+            return problem
+        _CAPTURE.lines = []
+        try:
+            sampler = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        finally:
+            logged, _CAPTURE.lines = _CAPTURE.lines, None
         if sampler:
             self._ll.llama_sampler_free(sampler)
             return None
-        lines = [line.strip() for line in printed.splitlines() if "error" in line.lower()]
-        return lines[0] if lines else "llama.cpp could not parse the grammar"
+        return logged[0] if logged else "llama.cpp could not parse the grammar"
 
     # -- requests -----------------------------------------------------------------------------------------
 
