@@ -46,9 +46,27 @@ class EngineHandle:
     engine: Any
     thread: EngineThread
 
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` (a method of the engine, or a function that uses it) on the engine's thread."""
-        return await run_blocking(self.thread, fn, *args, **kwargs)
+    async def run(self, fn: Callable[..., Any], *args: Any, cancel: CancelFlag | None = None, **kwargs: Any) -> Any:
+        """Run ``fn`` (a method of the engine, or a function that uses it) on the engine's thread.
+
+        If the caller is cancelled (its client left), ``cancel`` (passed on to ``fn``) tells the work to
+        stop, and the work is awaited all the same: the instance goes back to the pool only once its
+        thread is done with it, so the next request never finds it busy.
+        """
+        if cancel is not None:
+            kwargs["cancel"] = cancel
+        future = asyncio.ensure_future(run_blocking(self.thread, fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if cancel is not None:
+                cancel.set()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # the work's own end (often "cancelled") is not this caller's news
+            raise
 
     def iterate(self, make_iter: Callable[[CancelFlag], Iterator[Any]]) -> AsyncIterator[Any]:
         """A blocking generator consumed on the engine's thread, its items handed to the event loop."""

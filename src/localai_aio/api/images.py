@@ -120,18 +120,11 @@ async def generate_images(request: web.Request) -> web.Response:
     executor = request.app[keys.EXECUTOR]
     started = time.perf_counter()
     async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
-        cancel = CancelFlag()
-        job = asyncio.ensure_future(handle.run(
-            handle.engine.generate, prompt=prompt, negative_prompt=negative, n=n, width=width, height=height,
-            steps=steps, seed=seed, clip_skip=clip_skip, cancel=cancel))
         try:
-            pngs = await asyncio.shield(job)
+            pngs = await handle.run(handle.engine.generate, prompt=prompt, negative_prompt=negative, n=n,
+                                    width=width, height=height, steps=steps, seed=seed, clip_skip=clip_skip,
+                                    cancel=CancelFlag())
         except asyncio.CancelledError:
-            cancel.set()  # the client left: stop at the next step, and free the engine only then
-            from localai_aio.backends.onnx_diffusion import Cancelled
-
-            with contextlib.suppress(Cancelled):
-                await job
             log.info("client left; image generation on %s stopped", cfg.name)
             raise
         finally:
