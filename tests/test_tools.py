@@ -196,6 +196,8 @@ async def test_grammar_json_functions(tools_client) -> None:  # noqa: ANN001
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format.json_schema.schema", "is not valid"),
     ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
+    # a valid JSON schema made of keywords the grammar converter does not know (it used to assert: a 500)
+    ({"grammar_json_functions": {"": 1.5, "x": {"y": []}}}, "grammar_json_functions", "Cannot turn the JSON schema"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
      "no tool named 'nope'"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0", "needs a 'name'"),

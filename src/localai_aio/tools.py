@@ -63,7 +63,8 @@ def schema_to_gbnf(schema: Mapping[str, Any], param: str) -> str:
                                      "engine: pip install 'localai-aio[llama]'", param=param) from None
     try:
         return json_schema_to_gbnf(json.dumps(schema))
-    except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+        # the converter asserts on schemas it does not know, such as an object of unknown keywords
         raise InvalidRequest(f"Cannot turn the JSON schema in '{param}' into a grammar: {exc}", param=param) from None
 
 
