@@ -148,6 +148,15 @@ async def test_localai_tts_route(tts) -> None:  # noqa: ANN001
     assert sr == 22050 and len(audio) == expected_samples(models, TEXT)
 
 
+async def test_control_characters_are_read_as_spaces(tts) -> None:  # noqa: ANN001
+    """espeak refuses a NUL; the text is still spoken (it used to end the audio after the 200)."""
+    client, models = tts
+    resp = await client.post("/tts", json={"model": "voice", "input": TEXT.replace(" ", "\x00", 1) + "\x07"})
+    assert resp.status == 200
+    audio, _ = decode(await resp.read(), "wav")
+    assert len(audio) == expected_samples(models, TEXT)
+
+
 async def test_streams_and_stops_when_the_client_leaves(tts, caplog) -> None:  # noqa: ANN001
     client, _ = tts
     text = " ".join(f"This is sentence number {i} of a long text." for i in range(300))[:4096]

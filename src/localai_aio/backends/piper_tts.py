@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: Control characters say nothing aloud, and espeak refuses a NUL: they are read as spaces.
+_UNSPEAKABLE = {code: " " for code in range(32) if chr(code) not in "\t\n\r"}
+
+
 class UnknownVoice(ValueError):
     def __init__(self, voice: str, choices: list[str]):
         super().__init__(f"Unknown voice '{voice}'; this model has: {', '.join(choices)}")
@@ -78,7 +82,7 @@ class PiperEngine:
         from piper.config import SynthesisConfig
 
         settings = SynthesisConfig(speaker_id=speaker, length_scale=self.voice.config.length_scale / speed)
-        for chunk in self.voice.synthesize(text, settings):
+        for chunk in self.voice.synthesize(text.translate(_UNSPEAKABLE), settings):
             if cancel.is_set():
                 return
             yield chunk.audio_float_array
