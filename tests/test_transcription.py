@@ -3,6 +3,7 @@ and the real default Whisper (marked)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import re
@@ -51,15 +52,15 @@ def form(data: bytes, filename: str = "a.wav", **fields: str):  # noqa: ANN201
 def test_features_match_transformers() -> None:
     from transformers import WhisperFeatureExtractor
 
-    from localai_aio.backends.whisper_features import N_SAMPLES, features_for, log_mel
+    from localai_aio.backends.whisper_features import N_FRAMES, window_features
 
     audio = tone(3.0)
     for n_mels in (80, 128):
         reference = WhisperFeatureExtractor(feature_size=n_mels)(audio, sampling_rate=16000,
                                                                  return_tensors="np").input_features[0]
-        mine = log_mel(np.pad(audio, (0, N_SAMPLES - len(audio))), n_mels)
+        mine = window_features(audio, n_mels)
+        assert mine.shape == (n_mels, N_FRAMES)
         np.testing.assert_allclose(mine, reference, atol=1e-4)
-    assert features_for(audio).shape == (80, (len(audio) + N_SAMPLES) // 160)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None or importlib.util.find_spec("optimum") is None,
@@ -191,6 +192,149 @@ async def test_errors(wclient, data, fields: dict, param: str | None, status: in
     if param:
         assert err["param"] == param
     assert (await wclient.get("/healthz")).status == 200
+
+
+# -- bounded audio: refused from the header, decoded a window at a time ------------------------------------
+
+def long_flac(seconds: int, rate: int, channels: int = 1, tone_seconds: float = 0.0) -> bytes:
+    """``seconds`` of digital silence, with ``tone_seconds`` of tone at each end, written a minute at a time:
+    a few hundred KB as FLAC, hundreds of MB decoded."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    ends = np.stack([tone(tone_seconds, rate)] * channels, axis=1)
+    minute = np.zeros((60 * rate, channels), np.float32)
+    with soundfile.SoundFile(buffer, "w", rate, channels, format="FLAC") as out:
+        out.write(ends)
+        silent = seconds * rate - 2 * len(ends)
+        for done in range(0, silent, len(minute)):
+            out.write(minute[: silent - done])
+        out.write(ends)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def two_hours_one_minute() -> bytes:
+    return long_flac(7260, 8000)
+
+
+@pytest.fixture(scope="module")
+def ten_minutes_cd() -> bytes:
+    return long_flac(600, 44100, channels=2, tone_seconds=5.0)
+
+
+def status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's high-water mark (VmHWM) and return VmRSS in kB, so that VmHWM afterwards is the
+    peak of what follows, not of whatever earlier tests did."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("resetting the peak RSS needs Linux's /proc/self/clear_refs")
+    return status_kb("VmRSS")
+
+
+def test_too_long_is_refused_from_the_header(two_hours_one_minute: bytes) -> None:
+    from localai_aio.audio import AudioTooLong, open_audio
+
+    assert len(two_hours_one_minute) < 300_000
+    with pytest.raises(AudioTooLong) as refused:
+        open_audio(two_hours_one_minute, 7200)
+    assert (refused.value.seconds, refused.value.limit) == (7260, 7200)
+    assert open_audio(two_hours_one_minute, 0).duration == 7260  # 0: no limit
+
+
+async def test_too_long_audio_is_refused_before_decoding(wclient, two_hours_one_minute: bytes) -> None:  # noqa: ANN001
+    before = reset_peak_rss()
+    resp = await wclient.post(T, data=form(two_hours_one_minute, "a.flac", model="whisper"))
+    grown_mb = (status_kb("VmHWM") - before) / 1024
+    assert resp.status == 400
+    assert await resp.json() == {"error": {
+        "message": "Audio too long: the clip lasts 7260.0 s (2:01:00); the longest accepted is 7200 s (2:00:00)",
+        "type": "invalid_request_error", "param": "file", "code": "audio_too_long"}}
+    assert grown_mb < 50  # decoded whole, this clip alone is ~460 MB of float32 at 16 kHz
+
+
+async def test_long_clip_is_transcribed_with_flat_memory(wclient, ten_minutes_cd: bytes) -> None:  # noqa: ANN001
+    """Ten minutes of 44.1 kHz stereo are 212 MB as float32 and 38 MB once at 16 kHz mono; the windows of
+    silence between the tones are still decoded, then skipped."""
+    warm = await wclient.post(T, data=form(wav_bytes(tone(2.0)), model="whisper", language="en"))
+    assert warm.status == 200  # the model is loaded and its first run's buffers exist before measuring
+    before = reset_peak_rss()
+    resp = await wclient.post(T, data=form(ten_minutes_cd, "a.flac", model="whisper", language="en",
+                                           response_format="verbose_json"))
+    grown_mb = (status_kb("VmHWM") - before) / 1024
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["duration"] == 600.0
+    assert all(s["seek"] < 5 * 100 or s["seek"] > 565 * 100 for s in body["segments"])  # only windows with tone
+    assert grown_mb < 50
+
+
+def test_source_holds_about_a_window(ten_minutes_cd: bytes) -> None:
+    """Read as Whisper reads (30 s windows, each starting a little before the last ended), the source holds
+    a window and a block, not the clip: peak numpy memory (the window being read, the one being replaced
+    and the blocks joining them) stays far below the clip's 38 MB at 16 kHz."""
+    import tracemalloc
+
+    from localai_aio.audio import AudioSource
+
+    source = AudioSource(ten_minutes_cd)
+    tracemalloc.start()
+    try:
+        start = 0
+        while len(source.read(start, start + 480_000)) == 480_000:
+            start += 400_000
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert source.duration == 600.0
+    window_bytes = 480_000 * 4
+    assert peak < 4 * window_bytes, peak / 2**20  # the whole clip would be 20 windows
+
+
+@pytest.mark.parametrize("block_frames", [4096, 1000, 44100 * 7 // 2, 10**6])
+def test_block_decoder_matches_resampling_the_whole_clip(block_frames: int) -> None:
+    """44.1 kHz stereo, in blocks that end mid-clip, exactly at its end (an empty last read) or past it."""
+    import soundfile
+    import soxr
+
+    from localai_aio.audio import AudioSource
+
+    rng = np.random.default_rng(0)
+    stereo = np.stack([tone(7.0, 44100), 0.1 * rng.standard_normal(7 * 44100).astype(np.float32)], axis=1)
+    data = wav_bytes(stereo, 44100, "FLAC")
+    expected = soxr.resample(soundfile.read(io.BytesIO(data), dtype="float32")[0].mean(axis=1), 44100, 16000,
+                             quality="HQ")
+    source = AudioSource(data, block_frames=block_frames)
+    assert source.duration == 7.0  # from the header
+    pieces, start = [], 0
+    while len(window := source.read(start, start + 48_000)) == 48_000:
+        np.testing.assert_allclose(window, expected[start:start + 48_000], atol=1e-6)
+        pieces.append(window[:30_000].copy())
+        start += 30_000
+    decoded = np.concatenate([*pieces, window])
+    assert len(decoded) == len(expected) and source.duration == len(expected) / 16000
+    np.testing.assert_allclose(decoded, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="forward"):
+        source.read(start - 1, start)
+
+
+def test_source_reads_can_skip_ahead_and_past_the_end() -> None:
+    from localai_aio.audio import AudioSource
+
+    audio = tone(3.0)
+    source = AudioSource(wav_bytes(audio), block_frames=1000)
+    np.testing.assert_allclose(source.read(20_000, 20_100), audio[20_000:20_100], atol=1e-4)
+    assert len(source.read(47_990, 60_000)) == 10 and len(source.read(50_000, 60_000)) == 0
+    empty = AudioSource(b"")
+    assert empty.duration == 0 and len(empty.read(0, 480_000)) == 0
 
 
 # -- the real default Whisper -----------------------------------------------------------------------------------

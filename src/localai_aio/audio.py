@@ -7,12 +7,17 @@ MP3 come from libsndfile (soundfile) writing into a growing buffer. MP3 is const
 the VBR header LAME patches at the end cannot be patched once sent, and decoders that estimate length
 from the first frame would cut a VBR stream short. FLAC is sent whole at the end: its header carries
 the total length, which only exists then.
+
+Audio in: an upload's length is checked from its header, then it is decoded block by block as it is
+read (``AudioSource``), because a few MB of compressed audio can expand to gigabytes of samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,20 +154,131 @@ class StreamEncoder:
 
 # -- audio in ---------------------------------------------------------------------------------------------
 
+BLOCK_FRAMES = 65536  # read at the file's own rate: about 1.5 s at 44.1 kHz, 512 KB as float32 stereo
+
+
 class UnreadableAudio(ValueError):
     pass
 
 
-def decode_audio(data: bytes, rate: int = 16000) -> np.ndarray:
-    """Any format libsndfile reads (wav, flac, ogg/opus, mp3, ...), any rate and channel count ->
-    float32 mono at ``rate`` (channels averaged, resampled with soxr)."""
+class AudioTooLong(ValueError):
+    """Refused from the header alone: decoding it would cost memory and time in proportion to its length."""
+
+    code = "audio_too_long"
+
+    def __init__(self, seconds: float, limit: float):
+        super().__init__(f"the clip lasts {seconds:.1f} s ({_clock(seconds)}); the longest accepted is "
+                         f"{limit:g} s ({_clock(limit)})")
+        self.seconds = seconds
+        self.limit = limit
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+@contextlib.contextmanager
+def _readable() -> Iterator[None]:
+    """libsndfile reports a file it cannot parse in several ways; the client only needs to know it is not audio."""
     import soundfile
 
-    if not data:
-        return np.zeros(0, np.float32)
     try:
-        samples, source_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        yield
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise UnreadableAudio(f"the file is not audio in a supported format (wav, flac, ogg, opus, mp3): "
                               f"{' '.join(str(exc).split())[:120]}") from None
-    return resample(samples.mean(axis=1), int(source_rate), rate)
+
+
+class AudioSource:
+    """An upload as float32 mono at ``rate``, decoded only as far as it is read.
+
+    A compressed upload can hold hours of audio in a few MB, so the whole clip never exists decoded:
+    blocks are read (channels averaged) and resampled with soxr's streaming resampler as ``read`` needs
+    them, and samples before the last read's start are dropped. Reads only move forward, but may start
+    before the previous one ended (Whisper's next window starts at its last timestamp), so what is held is
+    about one read's span and a block, whatever the clip's length. Not thread-safe: one thread reads at a
+    time. The file closes itself at the end of the clip, or when the source is dropped.
+    """
+
+    def __init__(self, data: bytes, rate: int = 16000, block_frames: int = BLOCK_FRAMES):
+        self.rate = rate
+        self._block_frames = block_frames
+        self._file = None
+        self._resampler = None
+        self._header_seconds = 0.0
+        if data:
+            self._open(data)
+        self._ended = self._file is None
+        self._produced = 0  # samples at ``rate`` decoded so far
+        self._buffer = np.zeros(0, np.float32)
+        self._offset = 0  # index in the clip of ``_buffer[0]``
+
+    def _open(self, data: bytes) -> None:
+        import soundfile
+        import soxr
+
+        with _readable():
+            self._file = soundfile.SoundFile(io.BytesIO(data))
+        self._header_seconds = self._file.frames / self._file.samplerate
+        if self._file.samplerate != self.rate:
+            self._resampler = soxr.ResampleStream(self._file.samplerate, self.rate, 1, dtype="float32",
+                                                  quality="HQ")
+
+    @property
+    def duration(self) -> float:
+        """Seconds: from the header until the clip has been decoded to its end, then exact."""
+        return self._produced / self.rate if self._ended else self._header_seconds
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Samples ``[start, end)`` (fewer at the end of the clip); those before ``start`` are gone after."""
+        if start < self._offset:
+            raise ValueError(f"samples before {self._offset} were dropped; reads must move forward")
+        self._skip_to(start)
+        self._fill_to(end)
+        return self._buffer[: max(0, end - self._offset)]
+
+    def _skip_to(self, start: int) -> None:
+        while self._offset + len(self._buffer) < start and not self._ended:
+            self._offset += len(self._buffer)
+            self._buffer = self._decode_block()
+        drop = min(start - self._offset, len(self._buffer))
+        self._buffer = self._buffer[drop:]
+        self._offset += drop
+
+    def _fill_to(self, end: int) -> None:
+        blocks = [self._buffer]
+        held = self._offset + len(self._buffer)
+        while held < end and not self._ended:
+            blocks.append(self._decode_block())
+            held += len(blocks[-1])
+        if len(blocks) > 1:
+            self._buffer = np.concatenate(blocks)
+
+    def _decode_block(self) -> np.ndarray:
+        with _readable():
+            block = self._file.read(self._block_frames, dtype="float32", always_2d=True)
+        last = len(block) < self._block_frames
+        mono = block.mean(axis=1, dtype=np.float32)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        if last:
+            self._file.close()
+            self._ended = True
+        self._produced += len(mono)
+        return mono
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def open_audio(data: bytes, max_seconds: float = 0.0, rate: int = 16000) -> AudioSource:
+    """Any format libsndfile reads (wav, flac, ogg/opus, mp3, ...), any rate and channel count, as a
+    source of float32 mono at ``rate``. Only the header is read here, so a clip longer than
+    ``max_seconds`` (0: no limit) is refused before any of it is decoded."""
+    source = AudioSource(data, rate)
+    if max_seconds and source.duration > max_seconds:
+        source.close()
+        raise AudioTooLong(source.duration, max_seconds)
+    return source

@@ -154,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("write_timeout", 30.0, _positive_float,
             "Seconds a streaming client may take no data before its connection is dropped. 0 waits forever.",
             ("LOCALAI_WRITE_TIMEOUT",), "SECONDS"),
+    Setting("max_audio_seconds", 7200.0, _positive_float,
+            "Longest audio /v1/audio/transcriptions and /translations accept, in seconds, judged from the file's "
+            "header before decoding; longer clips get 400. 0 means no limit.",
+            ("LOCALAI_MAX_AUDIO_SECONDS",), "SECONDS"),
     Setting("shutdown_timeout", 30.0, _positive_float,
             "Seconds in-flight requests get to finish after SIGTERM.",
             ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
@@ -189,6 +193,7 @@ class ServerSettings:
     image_max_size: int = 1024
     generated_max_age: float = 3600.0
     write_timeout: float = 30.0
+    max_audio_seconds: float = 7200.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +13,7 @@ from aiohttp_apigami import docs
 from localai_aio import keys
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
-from localai_aio.audio import UnreadableAudio, decode_audio
+from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
 from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import CancelFlag, run_blocking
 
@@ -37,6 +39,18 @@ async def read_form(request: web.Request) -> tuple[dict[str, list[str]], bytes |
         elif part.name:
             fields.setdefault(part.name, []).append(value.decode("utf-8", "replace"))
     return fields, data
+
+
+@contextlib.contextmanager
+def _refused_audio() -> Iterator[None]:
+    """The audio is opened in the executor but decoded lazily on the engine's thread, so a bad file can
+    surface in either place; both answer the same 400."""
+    try:
+        yield
+    except UnreadableAudio as exc:
+        raise InvalidRequest(f"Unreadable audio: {exc}", param="file") from None
+    except AudioTooLong as exc:
+        raise InvalidRequest(f"Audio too long: {exc}", param="file", code=exc.code) from None
 
 
 def _timestamp(seconds: float, separator: str) -> str:
@@ -95,11 +109,9 @@ async def _handle(request: web.Request, task: str) -> web.Response:
     if not 0.0 <= temperature <= 1.0:
         raise InvalidRequest("Invalid value for 'temperature': must be from 0 to 1", param="temperature")
     language = (field("language") or "").strip().lower() or None
-    executor = request.app[keys.EXECUTOR]
-    try:
-        audio = await run_blocking(executor, decode_audio, data)
-    except UnreadableAudio as exc:
-        raise InvalidRequest(f"Unreadable audio: {exc}", param="file") from None
+    with _refused_audio():
+        audio = await run_blocking(request.app[keys.EXECUTOR], open_audio, data,
+                                   request.app[keys.SETTINGS].max_audio_seconds)
     started = time.perf_counter()
     async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
         engine = handle.engine
@@ -108,8 +120,9 @@ async def _handle(request: web.Request, task: str) -> web.Response:
                                  param="language")
         cancel = CancelFlag()
         try:
-            result = await handle.run(engine.transcribe, audio, language=language, task=task,
-                                      prompt=field("prompt"), temperature=temperature, cancel=cancel)
+            with _refused_audio():
+                result = await handle.run(engine.transcribe, audio, language=language, task=task,
+                                          prompt=field("prompt"), temperature=temperature, cancel=cancel)
         finally:
             cancel.set()
             request.app[keys.METRICS].inference.labels(cfg.name, task).observe(time.perf_counter() - started)

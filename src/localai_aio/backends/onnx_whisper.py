@@ -7,9 +7,10 @@ Files: ``encoder_model.onnx``, ``decoder_model.onnx`` (first step, returns the K
 Transcription follows Whisper's own procedure: the special-token prompt (language, task, timestamps),
 language detection from the first window when no language is given, Whisper's timestamp rules, and
 long audio in 30 s windows where each next window starts at the last complete timestamp, so no words
-are lost or doubled at the edges. A window stops at the end token or after 224 tokens; a window judged
-silent (no-speech probability) is skipped; a window whose text is repetitive (gzip compression ratio)
-is decoded again at higher temperatures, as Whisper does, so decoding does not loop.
+are lost or doubled at the edges. The audio is decoded and featurised window by window as the seek
+moves forward, never as a whole clip. A window stops at the end token or after 224 tokens; a window
+judged silent (no-speech probability) is skipped; a window whose text is repetitive (gzip compression
+ratio) is decoded again at higher temperatures, as Whisper does, so decoding does not loop.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import numpy as np
 
 from localai_aio.backends.base import BackendError, read_json, require_file
 from localai_aio.backends.onnx_common import make_session
-from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, features_for
+from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, N_SAMPLES, window_features
 
 if TYPE_CHECKING:
+    from localai_aio.audio import AudioSource
     from localai_aio.config import ModelConfig, ServerSettings
     from localai_aio.runtime import CancelFlag
 
@@ -37,6 +39,7 @@ FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_THRESHOLD = 2.4
+SILENCE = 1e-4  # no sample louder than this: digital silence
 
 
 @dataclass
@@ -226,22 +229,23 @@ class WhisperEngine:
             result = self._decode(encoded, prompt, timestamps, fallback, rng, cancel)
         return result
 
-    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str, prompt: str | None,
+    def transcribe(self, audio: AudioSource, *, language: str | None, task: str, prompt: str | None,
                    temperature: float, cancel: CancelFlag) -> Transcript:
-        """Transcribe (or translate) float32 16 kHz mono audio of any length."""
-        duration = len(audio) / 16000
-        if len(audio) == 0 or not np.any(np.abs(audio) > 1e-4):
-            return Transcript("", language or "en", duration)
-        features = features_for(audio, self.n_mels)
-        content = len(audio) // HOP
+        """Transcribe (or translate) a 16 kHz mono clip of any length. The clip is pulled one 30 s window at
+        a time, so memory does not grow with its length; a window of digital silence is skipped unheard."""
         rng = np.random.default_rng(0)
         previous = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids if prompt else []
         segments: list[Segment] = []
         seek = 0
-        while seek < content and not cancel.is_set():
-            window = features[None, :, seek:seek + N_FRAMES]
-            span = min(N_FRAMES, content - seek)
-            encoded = self._encode(window)
+        while not cancel.is_set():
+            samples = audio.read(seek * HOP, seek * HOP + N_SAMPLES)
+            span = min(N_FRAMES, len(samples) // HOP)
+            if span == 0:
+                break
+            if not np.any(np.abs(samples) > SILENCE):
+                seek += span
+                continue
+            encoded = self._encode(window_features(samples, self.n_mels)[None])
             if language is None:
                 language = self.detect_language(encoded)
                 log.info("model %s: detected language %s", self.name, language)
@@ -256,7 +260,7 @@ class WhisperEngine:
             previous = [] if result.temperature > 0.5 else previous + [t for t in result.tokens if t < self.eot]
             seek += max(advance, 1)
         text = "".join(s.text for s in segments).strip()
-        return Transcript(text, language or "en", duration, segments)
+        return Transcript(text, language or "en", audio.duration, segments)
 
     def _segments(self, result: _Window, seek: int, span: int, first_id: int) -> tuple[list[Segment], int]:
         """Split a window's tokens at timestamp pairs; return the segments and how far to move ``seek``."""

@@ -69,7 +69,9 @@ def log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
     return ((spec + 4.0) / 4.0).astype(np.float32)
 
 
-def features_for(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
-    """Log-mel of the whole clip followed by 30 s of silence, as Whisper computes it: every 30 s window
-    from any start frame inside the clip is then a plain slice, and a final window ends in real silence."""
-    return log_mel(np.concatenate([np.asarray(audio, np.float32), np.zeros(N_SAMPLES, np.float32)]), n_mels)
+def window_features(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
+    """Log-mel of one 30 s window, shape (n_mels, N_FRAMES), so only a window of the clip needs to be in
+    memory. A window that runs past the clip's end is padded with silence, as Whisper pads the clip; the
+    clamp to 8 below the peak is then per window, as in Hugging Face's feature extractor."""
+    samples = np.asarray(samples, np.float32)[:N_SAMPLES]
+    return log_mel(np.pad(samples, (0, N_SAMPLES - len(samples))), n_mels)
