@@ -63,6 +63,20 @@ class Stream:
     cached_tokens: int | None = None
     error: str | None = None
 
+    def arrived(self, piece: str) -> None:
+        """A streamed piece of text, timed as it arrives."""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.pieces += 1
+        self.text += piece
+
+    def finished(self) -> Stream:
+        if self.error is None and self.first is None:
+            self.error = "no text was streamed"
+        return self
+
     @property
     def ttft(self) -> float:
         assert self.first is not None
@@ -86,7 +100,6 @@ def stream_chat(cl, model: str, messages: list[dict[str, Any]], max_tokens: int,
     if usage:
         extra["stream_options"] = {"include_usage": True}
     result = Stream(sent=time.perf_counter())
-    parts = []
     try:
         stream = cl.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                             temperature=temperature, stream=True, **extra)
@@ -102,18 +115,31 @@ def stream_chat(cl, model: str, messages: list[dict[str, Any]], max_tokens: int,
                     result.finish = choice.finish_reason
                 piece = choice.delta.content if choice.delta else None
                 if piece:
-                    now = time.perf_counter()
-                    if result.first is None:
-                        result.first = now
-                    result.last = now
-                    result.pieces += 1
-                    parts.append(piece)
+                    result.arrived(piece)
     except Exception as exc:  # noqa: BLE001 - a benchmark reports failures, it does not stop at the first
         result.error = f"{type(exc).__name__}: {exc}"
-    result.text = "".join(parts)
-    if result.error is None and result.first is None:
-        result.error = "no text was streamed"
-    return result
+    return result.finished()
+
+
+def stream_response(cl, model: str, messages: list[dict[str, Any]], max_tokens: int,  # noqa: ANN001
+                    temperature: float = 0.0) -> Stream:
+    """The same as ``stream_chat`` through the Responses API (``client.responses.create(stream=True)``)."""
+    result = Stream(sent=time.perf_counter())
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    try:
+        stream = cl.responses.create(model=model, input=[m for m in messages if m["role"] != "system"],
+                                     instructions=system[0] if system else None, max_output_tokens=max_tokens,
+                                     temperature=temperature, store=False, stream=True)
+        for event in stream:
+            if event.type == "response.output_text.delta" and event.delta:
+                result.arrived(event.delta)
+            elif event.type in ("response.completed", "response.incomplete"):
+                usage = event.response.usage
+                result.prompt_tokens, result.completion_tokens = usage.input_tokens, usage.output_tokens
+                result.finish = event.response.status
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports failures, it does not stop at the first
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result.finished()
 
 
 def _warm_one(cl, model: str, kind: str, i: int) -> None:  # noqa: ANN001

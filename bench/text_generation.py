@@ -8,7 +8,9 @@ in one run. Optionally llama.cpp's own ``llama-server`` is measured beside them.
         [--url http://host:port] [--gguf FILE] [--no-direct]
         [--llama-server /tmp/llsrc/.../build/bin/llama-server] [--llama-server-flag=--some-flag ...]
 
-Targets: server decode speed at least 1.0x direct, and under 5 ms added to time to first token.
+Targets: server decode speed at least 1.0x direct, and under 5 ms added to time to first token; the same
+prompts streamed through ``/v1/responses`` within 3% of chat completions (decode speed and time to first
+token).
 
 How it is measured:
 
@@ -41,7 +43,17 @@ import subprocess
 import sys
 import time
 
-from _clients import DEFAULT_MODEL, client, default_threads, local_model, median, stream_chat, verdict, warm_up
+from _clients import (
+    DEFAULT_MODEL,
+    client,
+    default_threads,
+    local_model,
+    median,
+    stream_chat,
+    stream_response,
+    verdict,
+    warm_up,
+)
 from _server import DEFAULT_MODELS, llama_server, server
 
 PROMPTS = [
@@ -101,11 +113,16 @@ def direct_runs(spec: dict) -> list[list[float]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def server_runs(url: str, model: str, system: str | None, prompts: list[str], max_tokens: int) -> list[list[float]]:
+def server_runs(url: str, model: str, system: str | None, prompts: list[str], max_tokens: int,
+                responses: bool = False) -> list[list[float]]:
+    """Stream each prompt through chat completions (or, with ``responses``, the Responses API)."""
     cl = client(url)
     results = []
     for prompt in prompts:
-        s = stream_chat(cl, model, messages_for(prompt, system), max_tokens, usage=False)
+        if responses:
+            s = stream_response(cl, model, messages_for(prompt, system), max_tokens)
+        else:
+            s = stream_chat(cl, model, messages_for(prompt, system), max_tokens, usage=False)
         if s.error or s.pieces < 2:
             raise RuntimeError(f"{url}: {s.error or 'fewer than 2 tokens'}")
         results.append([s.ttft, s.decode_rate, s.pieces])
@@ -159,11 +176,14 @@ def main() -> int:
         for name, url in targets.items():
             warm_up(url, args.model, label=name)
 
-        rows: dict[str, list[list[float]]] = {name: [] for name in [*targets, "direct"]}
+        rows: dict[str, list[list[float]]] = {name: [] for name in [*targets, "responses", "direct"]}
         for r in range(args.rounds):  # alternate so that machine noise hits every side alike
             prompts = [p.format(i=r) for p in PROMPTS]
             for name, url in targets.items():
                 rows[name] += server_runs(url, args.model, system, prompts, args.max_tokens)
+                if name == "server":  # the same prompts through the Responses API, right after
+                    rows["responses"] += server_runs(url, args.model, system, prompts, args.max_tokens,
+                                                     responses=True)
             if not args.no_direct:
                 rows["direct"] += direct_runs({"gguf": str(local.gguf), "ctx": local.context_size,
                                                "threads": threads, "system": system, "prompts": prompts,
@@ -174,8 +194,8 @@ def main() -> int:
              for name, v in rows.items() if v}
     print(f"\nmodel {args.model}, {threads} thread(s) (server default unless --threads), {args.rounds} round(s) "
           f"x {len(PROMPTS)} prompts per side, max_tokens {args.max_tokens}, temperature 0")
-    labels = {"server": "server (openai client)", "llama-server": "llama.cpp llama-server",
-              "direct": "direct llama-cpp-python"}
+    labels = {"server": "server (openai client)", "responses": "server, /v1/responses",
+              "llama-server": "llama.cpp llama-server", "direct": "direct llama-cpp-python"}
     for name, (ttft, rate, n) in stats.items():
         print(f"{labels[name]:26s} decode {rate:7.1f} tok/s, time to first token {ttft * 1000:7.1f} ms "
               f"(median {n:.0f} tokens)")
@@ -185,6 +205,11 @@ def main() -> int:
         ratio, added = s_rate / d_rate, (s_ttft - d_ttft) * 1000
         print(f"decode speed ratio server/direct: {ratio:.3f}x  (target >= 1.0x: {verdict(ratio >= 1.0)})")
         print(f"time to first token added by the server: {added:+.1f} ms  (target < 5 ms: {verdict(added < 5)})")
+    if "responses" in stats:
+        r_ttft, r_rate, _ = stats["responses"]
+        rate_ratio, ttft_ratio = r_rate / s_rate, r_ttft / s_ttft
+        print(f"/v1/responses vs chat completions: decode {rate_ratio:.3f}x, time to first token {ttft_ratio:.3f}x  "
+              f"(target within 3%: {verdict(rate_ratio >= 0.97 and ttft_ratio <= 1.03)})")
     if "llama-server" in stats:
         l_ttft, l_rate, _ = stats["llama-server"]
         print(f"server/llama-server: decode {s_rate / l_rate:.3f}x, "

@@ -221,18 +221,33 @@ async def test_swagger_document_lists_every_route(client) -> None:  # noqa: ANN0
     resp = await client.get("/swagger.json")
     assert resp.status == 200
     spec = await resp.json()
-    assert spec["swagger"] == "2.0"
+    assert spec["openapi"] == "3.0.3"
     paths = spec["paths"]
     for path, method in [("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
                          ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")]:
         assert method in paths[path], path
     chat = paths["/v1/chat/completions"]["post"]
-    body = next(p for p in chat["parameters"] if p["in"] == "body")
-    ref = body["schema"]["$ref"].rsplit("/", 1)[-1]
-    schema = spec["definitions"][ref]
+    assert chat["requestBody"]["required"] is True
+    body, model = chat["requestBody"]["content"]["application/json"]["schema"]["allOf"]
+    assert model["properties"]["model"]["enum"] == ["tiny-ct", "tiny-llama"]  # the chat models, nothing else
+    schema = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
     assert schema["required"] == ["messages"]
-    assert schema["properties"]["temperature"]["type"] == "number"
-    assert "messages" in schema["properties"] and "file" in schema["properties"]
+    assert schema["properties"]["temperature"] == {"type": "number", "minimum": 0, "maximum": 2}
+    assert schema["properties"]["messages"]["minItems"] == 1
+    assert "file" in schema["properties"]
+    message = spec["components"]["schemas"]["schema.Message"]["properties"]
+    assert message["role"]["enum"] == ["assistant", "developer", "function", "system", "tool", "user"]
+    assert {"type": "string", "minLength": 1} in schema["properties"]["prompt"]["anyOf"]
+    answer = chat["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+    assert "text/event-stream" in answer
+    assert chat["responses"]["default"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+    upload = paths["/v1/files"]["post"]
+    assert upload["responses"]["200"]["links"]["RetrieveFile"] == {
+        "operationRef": "#/paths/~1v1~1files~1{file_id}/get", "parameters": {"file_id": "$response.body#/id"}}
+    for operation in (op for item in paths.values() for op in item.values()):
+        assert "x-model-use-case" not in operation and "produces" not in operation and "consumes" not in operation
 
 
 async def test_swagger_ui_works_offline(client) -> None:  # noqa: ANN001
@@ -274,3 +289,23 @@ async def test_request_id_is_echoed_and_logged(client, caplog) -> None:  # noqa:
     assert resp.headers["X-Request-ID"] == "abc-123"
     line = next(r for r in caplog.records if r.name == "localai_aio.access")
     assert "GET /v1/models 200" in line.getMessage() and "rid=abc-123" in line.getMessage()
+
+
+async def test_a_client_that_leaves_is_logged_as_499(client, caplog) -> None:  # noqa: ANN001
+    """A handler cancelled because its client closed the connection is not a server error (nginx's 499)."""
+    import asyncio
+    import logging
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from localai_aio.middlewares import request_log_middleware
+
+    async def cancelled(_request: object) -> None:
+        raise asyncio.CancelledError
+
+    request = make_mocked_request("POST", "/v1/chat/completions", app=client.server.app)
+    with caplog.at_level(logging.INFO, logger="localai_aio.access"), pytest.raises(asyncio.CancelledError):
+        await request_log_middleware(request, cancelled)
+    assert "POST /v1/chat/completions 499 " in caplog.text
+    metrics = await (await client.get("/metrics")).text()
+    assert 'status="499"' in metrics and 'status="500"' not in metrics

@@ -13,7 +13,7 @@ import aiohttp_cors
 from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 
-from localai_aio import __version__, keys
+from localai_aio import __version__, keys, openapi
 from localai_aio.api import (
     assistants,
     chat,
@@ -22,7 +22,9 @@ from localai_aio.api import (
     files,
     health,
     images,
+    messages,
     models,
+    responses,
     speech,
     transcription,
 )
@@ -38,7 +40,8 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, embeddings, speech, transcription, images, assistants, files)
+API_MODULES = (health, models, chat, completions, responses, messages, embeddings, speech, transcription, images,
+               assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -122,14 +125,15 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(responses.background_ctx)  # ends first: background responses still use the rest
     for module in API_MODULES:
         app.router.add_routes(module.routes)
     setup_aiohttp_apispec(
         app, title="localai_aio API", version=__version__, url="/swagger.json", swagger_path="/swagger/",
         static_path="/swagger/static", error_callback=raise_validation_error, in_place=True,
-        securityDefinitions={"BearerAuth": {"type": "apiKey", "name": "Authorization", "in": "header"}},
-        security=[{"BearerAuth": []}],
+        openapi_version="3.0.3", components=openapi.COMPONENTS, security=[{"BearerAuth": []}],
     )
+    openapi.describe_models(app)
     if settings.cors:
         cors = aiohttp_cors.setup(app, defaults={
             origin: aiohttp_cors.ResourceOptions(allow_credentials=False, expose_headers="*",

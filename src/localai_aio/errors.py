@@ -1,7 +1,9 @@
 """Typed API errors and the one middleware that renders every failure in OpenAI's error shape.
 
 Handlers and backends raise these; nothing else builds error bodies, so every route answers
-``{"error": {"message", "type", "param", "code"}}`` with the right status.
+``{"error": {"message", "type", "param", "code"}}`` with the right status. Anthropic's Messages API
+routes (``/v1/messages...``) answer Anthropic's ``{"type": "error", "error": {"type", "message"}}``
+instead, since its clients read only that.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from aiohttp.typedefs import Handler
 from localai_aio import keys
 
 log = logging.getLogger(__name__)
+
+#: Routes whose errors are in Anthropic's shape: the path itself or anything below it.
+ANTHROPIC_PATH = "/v1/messages"
+#: Anthropic's error type by HTTP status; other statuses are api_error (5xx) or invalid_request_error.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+}
 
 
 class APIError(Exception):
@@ -36,6 +46,10 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 class InvalidRequest(APIError):
@@ -108,11 +122,15 @@ class InternalError(APIError):
     code = "internal_error"
 
 
-def error_response(err: APIError, request_id: str | None = None) -> web.Response:
+def speaks_anthropic(request: web.Request) -> bool:
+    return request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/")
+
+
+def error_response(err: APIError, request_id: str | None = None, *, anthropic: bool = False) -> web.Response:
     headers = dict(err.headers)
     if request_id:
         headers["X-Request-ID"] = request_id
-    return web.json_response(err.body(), status=err.status, headers=headers)
+    return web.json_response(err.anthropic_body() if anthropic else err.body(), status=err.status, headers=headers)
 
 
 _HTTP_ERRORS: dict[int, type[APIError]] = {
@@ -150,16 +168,18 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> APIErr
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as an OpenAI error; log unexpected ones with the request id, never leak them."""
+    """Render every failure as an OpenAI error (an Anthropic one on its routes); log unexpected ones
+    with the request id, never leak them."""
+    anthropic = speaks_anthropic(request)
     try:
         return await handler(request)
     except APIError as err:
-        return error_response(err, request.get(keys.REQUEST_ID))
+        return error_response(err, request.get(keys.REQUEST_ID), anthropic=anthropic)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID))
+        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), anthropic=anthropic)
     except Exception:
         rid = request.get(keys.REQUEST_ID)
         log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)
-        return error_response(InternalError(f"Internal server error (request id {rid})"), rid)
+        return error_response(InternalError(f"Internal server error (request id {rid})"), rid, anthropic=anthropic)

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 from localai_aio.backends.gguf_info import GGUFInfo
 from localai_aio.errors import ContextLengthExceeded, InvalidRequest, NotImplementedForModel
+from localai_aio.schemas import BOUNDS
 
 MAX_STOP_SEQUENCES = 16
-MAX_CHOICES = 16
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ class Finish:
     reason: str  # "stop" | "length"
     completion_tokens: int
     cached_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the choice, if one did
 
 
 class StopMatcher:
@@ -152,17 +153,18 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.held = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was reached)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Returns (text safe to emit, the stop string reached or None)."""
         self.held += text
         if not self.stops:
             out, self.held = self.held, ""
-            return out, False
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+            return out, None
+        hits = [(at, stop) for stop in self.stops if (at := self.held.find(stop)) >= 0]
         if hits:
-            out = self.held[: min(hits)]
+            at, stop = min(hits)
+            out = self.held[:at]
             self.held = ""
-            return out, True
+            return out, stop
         keep = 0
         for stop in self.stops:
             for n in range(min(len(stop) - 1, len(self.held)), 0, -1):
@@ -171,7 +173,7 @@ class StopMatcher:
                     break
         cut = len(self.held) - keep
         out, self.held = self.held[:cut], self.held[cut:]
-        return out, False
+        return out, None
 
     def flush(self) -> str:
         out, self.held = self.held, ""
@@ -231,17 +233,18 @@ class ChoiceText:
         text, hit = self.stopper.feed(self.decoder.decode(step.piece))
         logprobs = [_token_logprob(step)] if self.params.logprobs is not None else []
         out: list[Piece | Finish] = [Piece(self.index, text, logprobs)] if text or logprobs else []
-        if hit:
+        if hit is not None:
             self.done = True
-            out.append(Finish(self.index, "stop", self.count))
+            out.append(Finish(self.index, "stop", self.count, stop_sequence=hit))
         return out
 
     def end(self, end: SeqEnd) -> list[Piece | Finish]:
         self.done = True
         tail, hit = self.stopper.feed(self.decoder.decode(b"", final=True))
-        tail += "" if hit else self.stopper.flush()
+        tail += "" if hit is not None else self.stopper.flush()
         out: list[Piece | Finish] = [Piece(self.index, tail)] if tail else []
-        out.append(Finish(self.index, "stop" if hit else end.reason, self.count, end.cached_tokens))
+        out.append(Finish(self.index, "stop" if hit is not None else end.reason, self.count, end.cached_tokens,
+                          stop_sequence=hit))
         return out
 
 
@@ -276,7 +279,8 @@ def generate_sequentially(engine: Any, prompt: Sequence[int], params: Sequence[G
 # Request fields -> GenParams
 # ---------------------------------------------------------------------------------------------------------
 
-def _number(body: Mapping[str, Any], key: str, lo: float, hi: float, default: Any) -> Any:
+def _number(body: Mapping[str, Any], key: str, default: Any) -> Any:
+    lo, hi = BOUNDS[key]
     value = body.get(key)
     if value is None:
         return default
@@ -287,7 +291,8 @@ def _number(body: Mapping[str, Any], key: str, lo: float, hi: float, default: An
     return value
 
 
-def _integer(body: Mapping[str, Any], key: str, lo: int, hi: int | None, default: Any) -> Any:
+def _integer(body: Mapping[str, Any], key: str, default: Any, bounds: str | None = None) -> Any:
+    lo, hi = BOUNDS[bounds or key]
     value = body.get(key)
     if value is None:
         return default
@@ -322,17 +327,17 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
     max_tokens = merged.get("max_completion_tokens", merged.get("max_tokens"))
     if max_tokens is not None:
         key = "max_completion_tokens" if "max_completion_tokens" in merged else "max_tokens"
-        max_tokens = _integer({key: max_tokens}, key, 1, None, None)
-    seed = _integer(merged, "seed", -(2**63), 2**63 - 1, None)
+        max_tokens = _integer({key: max_tokens}, key, None, bounds="max_tokens")
+    seed = _integer(merged, "seed", None)
     return GenParams(
         max_tokens=max_tokens,
-        temperature=float(_number(merged, "temperature", 0, 2, base.temperature)),
-        top_p=float(_number(merged, "top_p", 0, 1, base.top_p)),
-        top_k=int(_integer(merged, "top_k", 0, None, base.top_k)),
-        min_p=float(_number(merged, "min_p", 0, 1, base.min_p)),
-        repeat_penalty=float(_number(merged, "repeat_penalty", 0, 10, base.repeat_penalty)),
-        presence_penalty=float(_number(merged, "presence_penalty", -2, 2, base.presence_penalty)),
-        frequency_penalty=float(_number(merged, "frequency_penalty", -2, 2, base.frequency_penalty)),
+        temperature=float(_number(merged, "temperature", base.temperature)),
+        top_p=float(_number(merged, "top_p", base.top_p)),
+        top_k=int(_integer(merged, "top_k", base.top_k)),
+        min_p=float(_number(merged, "min_p", base.min_p)),
+        repeat_penalty=float(_number(merged, "repeat_penalty", base.repeat_penalty)),
+        presence_penalty=float(_number(merged, "presence_penalty", base.presence_penalty)),
+        frequency_penalty=float(_number(merged, "frequency_penalty", base.frequency_penalty)),
         seed=None if seed is None or seed < 0 else seed % (2**32),
         stop=parse_stop(body.get("stop", defaults.get("stop")), stopwords),
         logprobs=logprobs,
@@ -342,4 +347,4 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
 
 
 def parse_n(body: Mapping[str, Any]) -> int:
-    return int(_integer(body, "n", 1, MAX_CHOICES, 1))
+    return int(_integer(body, "n", 1))

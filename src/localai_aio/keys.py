@@ -19,3 +19,4 @@ BACKENDS = web.AppKey("backends", dict)
 REQUEST_ID = web.RequestKey("request_id", str)
 STORE = web.AppKey("store", "Store")
 BATCHERS = web.AppKey("batchers", dict)
+BACKGROUND = web.AppKey("background_responses", dict)  # response id -> api.responses.Running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -50,6 +51,9 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection first (nginx's code): not a server error
         raise
     finally:
         elapsed = time.perf_counter() - started

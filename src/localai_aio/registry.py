@@ -39,6 +39,19 @@ from localai_aio.runtime import CancelFlag, EngineThread, iterate_in_thread, run
 log = logging.getLogger(__name__)
 
 
+def usecases(cfg: ModelConfig) -> set[str]:
+    """What a model serves: its YAML's ``known_usecases``, else what its backend can do."""
+    if cfg.known_usecases:
+        return {u.lower() for u in cfg.known_usecases}
+    backend = cfg.backend or infer_backend(cfg)
+    if backend in {"llama-cpp", "ctransformers"}:
+        return {"chat", "completion"} | ({"embeddings"} if cfg.embeddings else set())
+    return {
+        "onnx-embeddings": {"embeddings"}, "onnx-whisper": {"transcript"}, "piper": {"tts"},
+        "onnx-diffusion": {"image"},
+    }.get(backend or "", set())
+
+
 @dataclass(frozen=True)
 class EngineHandle:
     """A loaded engine instance and the thread that owns it: every call into it goes through here."""
@@ -147,15 +160,7 @@ class ModelRegistry:
         raise ModelNotFound(f"No model is configured for {usecase}; pass `model`", param="model")
 
     def usecases(self, cfg: ModelConfig) -> set[str]:
-        if cfg.known_usecases:
-            return {u.lower() for u in cfg.known_usecases}
-        backend = self.backend_name(cfg)
-        if backend in {"llama-cpp", "ctransformers"}:
-            return {"chat", "completion"} | ({"embeddings"} if cfg.embeddings else set())
-        return {
-            "onnx-embeddings": {"embeddings"}, "onnx-whisper": {"transcript"}, "piper": {"tts"},
-            "onnx-diffusion": {"image"},
-        }.get(backend or "", set())
+        return usecases(cfg)
 
     def is_loaded(self, name: str) -> bool:
         return self._slots[self.config(name).name].loaded

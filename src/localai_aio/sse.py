@@ -1,14 +1,19 @@
-"""Server-Sent Events exactly as OpenAI's clients read them: ``data: {json}\\n\\n`` ... ``data: [DONE]``."""
+"""Server-Sent Events exactly as the clients read them: ``data: {json}\\n\\n`` ... ``data: [DONE]`` for chat and
+completions, named events (``event: <type>``) for the Responses and Messages APIs."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from localai_aio import keys
+from localai_aio.errors import APIError, InternalError
+
+log = logging.getLogger(__name__)
 
 
 async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes,
@@ -38,11 +43,20 @@ class EventStream:
     def started(self) -> bool:
         return self.response.prepared
 
-    async def send(self, payload: Any) -> None:
+    async def send(self, payload: Any, event: str | None = None) -> None:
+        """One event; ``event`` names it (``event: <name>``), as the Responses and Messages APIs do."""
         if not self.response.prepared:
             await self.response.prepare(self.request)
         data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        await write_or_drop(self.request, self.response, f"data: {data}\n\n".encode(), self.write_timeout)
+        named = f"event: {event}\n" if event else ""
+        await write_or_drop(self.request, self.response, f"{named}data: {data}\n\n".encode(), self.write_timeout)
+
+    async def close(self) -> web.StreamResponse:
+        """End a stream whose protocol has no ``[DONE]`` marker (its last event says it is complete)."""
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write_eof()
+        return self.response
 
     async def done(self) -> web.StreamResponse:
         await self.send("[DONE]")
@@ -54,3 +68,23 @@ class EventStream:
         await self.send(body)
         await self.response.write_eof()
         return self.response
+
+
+def ending(stream: EventStream, exc: BaseException, what: str) -> APIError | None:
+    """How a streamed answer that raised ``exc`` ends, for every streaming protocol alike.
+
+    Re-raises what the stream cannot answer (cancellation; any failure before the stream started, which
+    becomes a plain error response). None: the client left, so there is nothing more to send and nothing
+    went wrong here. Otherwise the error to send as the stream's last event.
+    """
+    if isinstance(exc, (ConnectionResetError, asyncio.CancelledError)):
+        log.info("client left during %s; generation stopped", what)
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        return None
+    if not stream.started:
+        raise exc
+    if isinstance(exc, APIError):
+        return exc
+    log.error("%s failed mid-stream (request id %s)", what, stream.request.get(keys.REQUEST_ID), exc_info=exc)
+    return InternalError("Generation failed")

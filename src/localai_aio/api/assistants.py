@@ -11,6 +11,7 @@ from aiohttp_apigami import docs
 from localai_aio import keys
 from localai_aio.api.common import json_route, registry
 from localai_aio.errors import InvalidRequest, NotFound
+from localai_aio.openapi import answers
 from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
 from localai_aio.store.base import Page, StoreNotFound
@@ -116,27 +117,28 @@ def list_body(page: Page) -> dict[str, Any]:
 
 
 @routes.post("/v1/assistants")
-@json_route("post", "/v1/assistants", "assistants")
+@json_route("post", "/v1/assistants", "assistants", use_case="chat", responses=answers("Assistant"))
 async def create_assistant(request: web.Request) -> web.Response:
     fields = validate_assistant(request, request["data"], partial=False)
     return web.json_response(await call_store(request, "create_assistant", fields))
 
 
 @routes.get("/v1/assistants")
-@docs(tags=["assistants"], summary="List assistants (limit, order, after, before).")
+@docs(tags=["assistants"], summary="List assistants (limit, order, after, before).",
+      responses=answers("AssistantList"))
 async def list_assistants(request: web.Request) -> web.Response:
     return web.json_response(list_body(await call_store(request, "list_assistants", **list_params(request))))
 
 
 @routes.get("/v1/assistants/{assistant_id}")
-@docs(tags=["assistants"], summary="Retrieve an assistant.")
+@docs(tags=["assistants"], summary="Retrieve an assistant.", responses=answers("Assistant"))
 async def get_assistant(request: web.Request) -> web.Response:
     return web.json_response(await call_store(request, "get_assistant", request.match_info["assistant_id"]))
 
 
 @routes.post("/v1/assistants/{assistant_id}")
 @json_route("post", None, "assistants", schema=definition_schema("openai.AssistantRequest"),
-            summary="Modify an assistant.")
+            summary="Modify an assistant.", use_case="chat", responses=answers("Assistant"))
 async def modify_assistant(request: web.Request) -> web.Response:
     fields = validate_assistant(request, request["data"], partial=True)
     return web.json_response(await call_store(request, "update_assistant", request.match_info["assistant_id"],
@@ -144,7 +146,7 @@ async def modify_assistant(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/assistants/{assistant_id}")
-@docs(tags=["assistants"], summary="Delete an assistant (and its file links).")
+@docs(tags=["assistants"], summary="Delete an assistant (and its file links).", responses=answers("Deleted"))
 async def delete_assistant(request: web.Request) -> web.Response:
     assistant_id = request.match_info["assistant_id"]
     await call_store(request, "delete_assistant", assistant_id)
@@ -153,7 +155,7 @@ async def delete_assistant(request: web.Request) -> web.Response:
 
 @routes.post("/v1/assistants/{assistant_id}/files")
 @json_route("post", None, "assistants", schema=definition_schema("localai.AssistantFileRequest"),
-            summary="Attach a file to an assistant.")
+            summary="Attach a file to an assistant.", responses=answers("AssistantFile"))
 async def attach_file(request: web.Request) -> web.Response:
     assistant_id = request.match_info["assistant_id"]
     count = len((await call_store(request, "get_assistant", assistant_id))["file_ids"])
@@ -163,7 +165,7 @@ async def attach_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/assistants/{assistant_id}/files")
-@docs(tags=["assistants"], summary="List an assistant's files.")
+@docs(tags=["assistants"], summary="List an assistant's files.", responses=answers("AssistantFileList"))
 async def list_assistant_files(request: web.Request) -> web.Response:
     page = await call_store(request, "list_assistant_files", request.match_info["assistant_id"],
                             **list_params(request))
@@ -171,14 +173,14 @@ async def list_assistant_files(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/assistants/{assistant_id}/files/{file_id}")
-@docs(tags=["assistants"], summary="Retrieve an assistant's file link.")
+@docs(tags=["assistants"], summary="Retrieve an assistant's file link.", responses=answers("AssistantFile"))
 async def get_assistant_file(request: web.Request) -> web.Response:
     return web.json_response(await call_store(request, "get_assistant_file", request.match_info["assistant_id"],
                                               request.match_info["file_id"]))
 
 
 @routes.delete("/v1/assistants/{assistant_id}/files/{file_id}")
-@docs(tags=["assistants"], summary="Detach a file from an assistant.")
+@docs(tags=["assistants"], summary="Detach a file from an assistant.", responses=answers("Deleted"))
 async def detach_file(request: web.Request) -> web.Response:
     file_id = request.match_info["file_id"]
     await call_store(request, "detach_file", request.match_info["assistant_id"], file_id)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
-from localai_aio.api.text import TextJob, serve_text, stream_options
+from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stream_options
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
-from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params
+from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, parse_params
+from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.tools import ToolPlan, looks_like_call, parse_calls, plan_tools, tool_prompt
 
@@ -192,9 +194,63 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
     return job, plan
 
 
+# -- one chat turn as protocol-neutral events (for the Responses and Messages APIs) ------------------------
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    call_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    reason: str  # "stop" | "length" | "tool_calls"
+    completion_tokens: int
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
+
+
+TurnEvent = TextDelta | CallStart | ArgumentsDelta | TurnEnd
+
+
+async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: str
+                      ) -> AsyncIterator[Prepared | TurnEvent]:
+    """A one-choice chat generation: ``Prepared`` first, then text, tool calls and the end, decided by
+    the same ``ChatFormat`` that shapes chat completions, so every protocol sees the same turn. Close
+    it (``contextlib.aclosing``) to stop the generation."""
+    fmt = ChatFormat(plan)
+    async with generation(app, job, task) as (prepared, events):
+        yield prepared
+        async for event in events:
+            if isinstance(event, Piece):
+                chunks = fmt.chunks(event.index, event.text, None)
+            else:
+                chunks = fmt.finish_chunks(event.index, event.reason)
+            for chunk in chunks:
+                delta = chunk["delta"]
+                if delta.get("content"):
+                    yield TextDelta(delta["content"])
+                for call in delta.get("tool_calls", ()):
+                    if "id" in call:
+                        yield CallStart(call["id"], call["function"]["name"])
+                    if call["function"].get("arguments"):
+                        yield ArgumentsDelta(call["function"]["arguments"])
+                if chunk["finish_reason"] is not None:
+                    yield TurnEnd(chunk["finish_reason"], event.completion_tokens, event.stop_sequence)
+
+
 @routes.post("/v1/chat/completions")
 @routes.post("/chat/completions")
-@json_route("post", "/v1/chat/completions", "chat")
+@json_route("post", "/v1/chat/completions", "chat", use_case="chat", responses=answers("ChatCompletion", stream=True))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     job, plan = build_chat_job(request, request["data"])
     return await serve_text(request, job, ChatFormat(plan), new_id("chatcmpl"), now())

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema
 from marshmallow import Schema
 
-from localai_aio import keys
+from localai_aio import keys, openapi
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.middlewares import EXPECTS_JSON
@@ -22,18 +22,23 @@ Handler = Callable[[web.Request], Any]
 
 
 def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Schema] | None = None,
-               summary: str = "") -> Callable[[Handler], Handler]:
+               summary: str = "", use_case: str | None = None,
+               responses: dict[str, Any] | None = None) -> Callable[[Handler], Handler]:
     """Document a handler with the seed spec's schema for ``spec_path`` (or ``schema`` for routes the
-    seed lacks) and validate its JSON body with it.
+    seed lacks) and validate its JSON body with it. ``use_case`` makes the documented ``model`` the
+    models that serve it; ``responses`` (``openapi.answers``) documents what comes back.
 
     The validated body is in ``request["data"]`` (apigami's validation middleware puts it there).
     """
     body = schema or body_schema(method, spec_path)
+    extra: dict[str, Any] = {"responses": responses} if responses else {}
+    if use_case:
+        extra[openapi.USE_CASE] = use_case
 
     def wrap(handler: Handler) -> Handler:
         setattr(handler, EXPECTS_JSON, True)
-        handler = request_schema(body(), location="json")(handler)
-        return docs(tags=[tag], summary=summary or route_summary(method, spec_path))(handler)
+        handler = request_schema(body(), location="json", required=True)(handler)
+        return docs(tags=[tag], summary=summary or route_summary(method, spec_path), **extra)(handler)
 
     return wrap
 

@@ -12,6 +12,7 @@ from localai_aio.api.common import json_route, new_id, now, registry, resolve_mo
 from localai_aio.api.text import TextJob, serve_text, stream_options
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params
+from localai_aio.openapi import answers
 from localai_aio.prompts import render_completion
 from localai_aio.tools import plan_tools
 
@@ -141,7 +142,8 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
 
 @routes.post("/v1/completions")
 @routes.post("/completions")
-@json_route("post", "/v1/completions", "completions")
+@json_route("post", "/v1/completions", "completions", use_case="completion",
+            responses=answers("Completion", stream=True))
 async def completions(request: web.Request) -> web.StreamResponse:
     job = build_completion_job(request, request["data"])
     return await serve_text(request, job, CompletionFormat(), new_id("cmpl"), now())

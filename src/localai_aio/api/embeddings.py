@@ -19,6 +19,7 @@ from localai_aio import keys
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.batching import MicroBatcher
 from localai_aio.errors import APIError, InvalidRequest
+from localai_aio.openapi import answers
 from localai_aio.runtime import run_blocking
 
 routes = web.RouteTableDef()
@@ -115,7 +116,7 @@ def _render(results: list[tuple[np.ndarray, int]], dimensions: int | None, encod
 
 @routes.post("/v1/embeddings")
 @routes.post("/embeddings")
-@json_route("post", "/v1/embeddings", "embeddings")
+@json_route("post", "/v1/embeddings", "embeddings", use_case="embeddings", responses=answers("Embeddings"))
 async def embeddings(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "embeddings")

@@ -11,6 +11,7 @@ from localai_aio import keys
 from localai_aio.api.assistants import call_store
 from localai_aio.api.multipart import Upload
 from localai_aio.errors import InvalidRequest
+from localai_aio.openapi import answers, form_body
 from localai_aio.runtime import run_blocking
 
 routes = web.RouteTableDef()
@@ -49,9 +50,9 @@ async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | N
 
 @routes.post("/v1/files")
 @docs(tags=["files"], summary="Upload a file (multipart: `file`, `purpose`).",
-      consumes=["multipart/form-data"],
-      parameters=[{"in": "formData", "name": "file", "type": "file", "required": True},
-                  {"in": "formData", "name": "purpose", "type": "string", "required": True, "enum": list(PURPOSES)}])
+      requestBody=form_body({"file": {"type": "string", "format": "binary"},
+                             "purpose": {"type": "string", "enum": list(PURPOSES)}}, required=["file", "purpose"]),
+      responses=answers("File"))
 async def upload_file(request: web.Request) -> web.Response:
     fields, staged, filename = await receive_upload(request)
     try:
@@ -68,20 +69,20 @@ async def upload_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files")
-@docs(tags=["files"], summary="List files (optionally by `purpose`).")
+@docs(tags=["files"], summary="List files (optionally by `purpose`).", responses=answers("FileList"))
 async def list_files(request: web.Request) -> web.Response:
     data = await call_store(request, "list_files", purpose=request.query.get("purpose"))
     return web.json_response({"object": "list", "data": data, "has_more": False})
 
 
 @routes.get("/v1/files/{file_id}")
-@docs(tags=["files"], summary="Retrieve a file's metadata.")
+@docs(tags=["files"], summary="Retrieve a file's metadata.", responses=answers("File"))
 async def get_file(request: web.Request) -> web.Response:
     return web.json_response(await call_store(request, "get_file", request.match_info["file_id"]))
 
 
 @routes.delete("/v1/files/{file_id}")
-@docs(tags=["files"], summary="Delete a file (and its links to assistants).")
+@docs(tags=["files"], summary="Delete a file (and its links to assistants).", responses=answers("Deleted"))
 async def delete_file(request: web.Request) -> web.Response:
     file_id = request.match_info["file_id"]
     await call_store(request, "delete_file", file_id)
@@ -89,7 +90,8 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files/{file_id}/content")
-@docs(tags=["files"], summary="Download a file's bytes.")
+@docs(tags=["files"], summary="Download a file's bytes.",
+      responses=answers(content_type="application/octet-stream"))
 async def file_content(request: web.Request) -> web.FileResponse:
     path = await call_store(request, "file_path", request.match_info["file_id"])
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

@@ -24,6 +24,7 @@ from aiohttp_apigami import docs
 from localai_aio import keys
 from localai_aio.api.common import json_route, now, resolve_model
 from localai_aio.errors import InvalidRequest, NotFound
+from localai_aio.openapi import answers
 from localai_aio.runtime import CancelFlag, run_blocking
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def parse_size(value: Any, default: str, limit: int) -> tuple[int, int]:
 
 
 @routes.post("/v1/images/generations")
-@json_route("post", "/v1/images/generations", "images")
+@json_route("post", "/v1/images/generations", "images", use_case="image", responses=answers())
 async def generate_images(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "image")
@@ -140,7 +141,8 @@ async def generate_images(request: web.Request) -> web.Response:
 
 
 @routes.get("/generated-images/{name}")
-@docs(tags=["images"], summary="A generated image (PNG), as linked from /v1/images/generations.")
+@docs(tags=["images"], summary="A generated image (PNG), as linked from /v1/images/generations.",
+      responses=answers(content_type="image/png"))
 async def generated_image(request: web.Request) -> web.FileResponse:
     name = request.match_info["name"]
     path = images_dir(request.app) / name

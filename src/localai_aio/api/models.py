@@ -6,6 +6,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio.api.common import registry
+from localai_aio.openapi import answers
 
 routes = web.RouteTableDef()
 
@@ -16,7 +17,7 @@ def _model_entry(model_id: str, created: int) -> dict:
 
 @routes.get("/v1/models")
 @routes.get("/models")
-@docs(tags=["models"], summary="List the configured models (and their aliases).")
+@docs(tags=["models"], summary="List the configured models (and their aliases).", responses=answers("ModelList"))
 async def list_models(request: web.Request) -> web.Response:
     reg = registry(request)
     data = [_model_entry(name, reg.config(name).created) for name in reg.names()]

@@ -22,6 +22,7 @@ from localai_aio.api.common import json_route, registry, resolve_model
 from localai_aio.audio import FORMATS, AudioFormat, StreamEncoder
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
+from localai_aio.openapi import answers
 from localai_aio.runtime import produced
 from localai_aio.sse import write_or_drop
 
@@ -124,7 +125,7 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
 
 
 @routes.post("/v1/audio/speech")
-@json_route("post", "/v1/audio/speech", "audio")
+@json_route("post", "/v1/audio/speech", "audio", use_case="tts", responses=answers(content_type="audio/*"))
 async def audio_speech(request: web.Request) -> web.StreamResponse:
     body = request["data"]
     text = _text(body, "input")
@@ -138,7 +139,8 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/text-to-speech/{voice_id}")
-@json_route("post", "/v1/text-to-speech/{voice-id}", "audio")
+@json_route("post", "/v1/text-to-speech/{voice-id}", "audio", use_case="tts",
+            responses=answers(content_type="audio/*"))
 async def elevenlabs_speech(request: web.Request) -> web.StreamResponse:
     body = request["data"]
     text = _text(body, "text" if "text" in body else "input")
@@ -158,7 +160,8 @@ async def elevenlabs_speech(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/tts")
-@json_route("post", "/v1/audio/speech", "audio", summary="LocalAI's text to speech (WAV).")
+@json_route("post", "/v1/audio/speech", "audio", summary="LocalAI's text to speech (WAV).", use_case="tts",
+            responses=answers(content_type="audio/wav"))
 async def localai_tts(request: web.Request) -> web.StreamResponse:
     body = request["data"]
     cfg, voice = _tts_model(request, body.get("model"), body.get("voice"))

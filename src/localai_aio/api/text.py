@@ -21,7 +21,6 @@ from aiohttp import web
 
 from localai_aio import keys
 from localai_aio.config import ModelConfig
-from localai_aio.errors import APIError, InternalError
 from localai_aio.generation import (
     ChoiceText,
     Finish,
@@ -36,7 +35,7 @@ from localai_aio.generation import (
 )
 from localai_aio.registry import EngineHandle
 from localai_aio.runtime import produced
-from localai_aio.sse import EventStream
+from localai_aio.sse import EventStream, ending
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ async def _events(handle: EngineHandle, prompts: list[list[int]], job: TextJob,
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """What the generation side hands the response side once the prompts are built."""
 
     prompt_tokens: int
@@ -135,23 +134,44 @@ class _Prepared:
     cached: list[int]
 
 
-async def _generate(request: web.Request, job: TextJob, fmt: TextFormat, put: Callable[[Any], None]) -> None:
-    """Hold the model only while generating: ``put`` a ``_Prepared``, then every event. The response is
+async def _generate(app: web.Application, job: TextJob, task: str, put: Callable[[Any], None]) -> None:
+    """Hold the model only while generating: ``put`` a ``Prepared``, then every event. The response is
     written from these at the client's pace (``runtime.produced``), so a client that reads slowly never
     holds the model for anyone else."""
-    app = request.app
+    metrics = app[keys.METRICS]
     started = time.perf_counter()
     async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
         prompts = await handle.run(_prepare, handle.engine, job)
-        prepared = _Prepared(sum(len(p) for p in prompts), list(range(len(prompts) * job.n)), [0] * len(prompts))
+        prepared = Prepared(sum(len(p) for p in prompts), list(range(len(prompts) * job.n)), [0] * len(prompts))
         put(prepared)
         events = _events(handle, prompts, job, prepared.cached)
         try:
             async for event in events:
+                if isinstance(event, Finish):
+                    metrics.tokens.labels(job.cfg.name).inc(event.completion_tokens)
                 put(event)
         finally:
             await events.aclose()
-            app[keys.METRICS].inference.labels(job.cfg.name, fmt.object_name).observe(time.perf_counter() - started)
+            metrics.inference.labels(job.cfg.name, task).observe(time.perf_counter() - started)
+
+
+@contextlib.asynccontextmanager
+async def generation(app: web.Application, job: TextJob, task: str
+                     ) -> AsyncIterator[tuple[Prepared, AsyncIterator[Piece | Finish]]]:
+    """Generate ``job``: what was prepared (prompt tokens), then its text events, for any protocol to
+    shape. Errors before the first token leave the ``async with`` as they are (a plain error answer);
+    leaving the block stops the generation and frees the model."""
+    async with contextlib.aclosing(produced(functools.partial(_generate, app, job, task))) as events:
+        prepared = await anext(events)
+        yield prepared, events  # type: ignore[misc]
+
+
+async def prompt_tokens(app: web.Application, job: TextJob) -> int:
+    """How many tokens ``job``'s prompts are: built on its engine's thread with the model's own template
+    and tokenizer, exactly as a generation builds them, without generating anything."""
+    async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
+        prompts = await handle.run(job.build_prompts, handle.engine)
+    return sum(len(p) for p in prompts)
 
 
 async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, response_id: str,
@@ -160,56 +180,45 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
     model_name = request["data"].get("model") or job.cfg.name
     envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name}
     completion_tokens = 0
-    try:
-        async with contextlib.aclosing(produced(functools.partial(_generate, request, job, fmt))) as events:
-            prepared: _Prepared = await anext(events)  # errors before the answer starts are plain error responses
-            indexes = prepared.indexes
-            if job.stream:
-                stream = EventStream(request, app[keys.SETTINGS].write_timeout)
-                try:
-                    for chunk in fmt.first_chunks(indexes):
+    async with generation(app, job, fmt.object_name) as (prepared, events):
+        indexes = prepared.indexes
+        if job.stream:
+            stream = EventStream(request, app[keys.SETTINGS].write_timeout)
+            try:
+                for chunk in fmt.first_chunks(indexes):
+                    await stream.send(_with(envelope, chunk, job))
+                for index, text in enumerate(job.prefix_texts):
+                    for i in range(job.n):
+                        if text:
+                            for chunk in fmt.chunks(index * job.n + i, text, None):
+                                await stream.send(_with(envelope, chunk, job))
+                async for event in events:
+                    if isinstance(event, Piece):
+                        chunks = fmt.chunks(event.index, event.text,
+                                            event.logprobs if job.want_logprobs else None)
+                    else:
+                        completion_tokens += event.completion_tokens
+                        chunks = fmt.finish_chunks(event.index, event.reason)
+                    for chunk in chunks:
                         await stream.send(_with(envelope, chunk, job))
-                    for index, text in enumerate(job.prefix_texts):
-                        for i in range(job.n):
-                            if text:
-                                for chunk in fmt.chunks(index * job.n + i, text, None):
-                                    await stream.send(_with(envelope, chunk, job))
-                    async for event in events:
-                        if isinstance(event, Piece):
-                            chunks = fmt.chunks(event.index, event.text,
-                                                event.logprobs if job.want_logprobs else None)
-                        else:
-                            completion_tokens += event.completion_tokens
-                            chunks = fmt.finish_chunks(event.index, event.reason)
-                        for chunk in chunks:
-                            await stream.send(_with(envelope, chunk, job))
-                    if job.include_usage:
-                        await stream.send({**envelope, "choices": [],
-                                           "usage": _usage(prepared.prompt_tokens, completion_tokens,
-                                                           sum(prepared.cached))})
-                    return await stream.done()
-                except (ConnectionResetError, asyncio.CancelledError):
-                    log.info("client left during a stream of %s; generation stopped", job.cfg.name)
-                    raise
-                except Exception as exc:
-                    if not stream.started:
-                        raise
-                    err = exc if isinstance(exc, APIError) else InternalError("Generation failed")
-                    if not isinstance(exc, APIError):
-                        log.exception("generation failed mid-stream (request id %s)", request.get(keys.REQUEST_ID))
-                    return await stream.fail(err.body())
-            texts: dict[int, list[str]] = {i: [] for i in indexes}
-            logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in indexes}
-            reasons: dict[int, str] = {}
-            async for event in events:
-                if isinstance(event, Piece):
-                    texts[event.index].append(event.text)
-                    logprobs[event.index].extend(event.logprobs)
-                elif isinstance(event, Finish):
-                    reasons[event.index] = event.reason
-                    completion_tokens += event.completion_tokens
-    finally:
-        app[keys.METRICS].tokens.labels(job.cfg.name).inc(completion_tokens)
+                if job.include_usage:
+                    await stream.send({**envelope, "choices": [],
+                                       "usage": _usage(prepared.prompt_tokens, completion_tokens,
+                                                       sum(prepared.cached))})
+                return await stream.done()
+            except (Exception, asyncio.CancelledError) as exc:
+                error = ending(stream, exc, f"a stream of {job.cfg.name}")
+                return stream.response if error is None else await stream.fail(error.body())
+        texts: dict[int, list[str]] = {i: [] for i in indexes}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in indexes}
+        reasons: dict[int, str] = {}
+        async for event in events:
+            if isinstance(event, Piece):
+                texts[event.index].append(event.text)
+                logprobs[event.index].extend(event.logprobs)
+            elif isinstance(event, Finish):
+                reasons[event.index] = event.reason
+                completion_tokens += event.completion_tokens
     choices = []
     for i in indexes:
         prefix = job.prefix_texts[i // job.n] if job.prefix_texts else ""

@@ -15,16 +15,18 @@ from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
 from localai_aio.errors import InvalidRequest
+from localai_aio.openapi import USE_CASE, answers, form_body
 from localai_aio.runtime import CancelFlag, run_blocking
 
 routes = web.RouteTableDef()
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-FORM_FIELDS = [{"in": "formData", "name": "file", "type": "file", "required": True},
-               {"in": "formData", "name": "model", "type": "string", "required": True},
-               {"in": "formData", "name": "language", "type": "string"},
-               {"in": "formData", "name": "prompt", "type": "string"},
-               {"in": "formData", "name": "temperature", "type": "number"},
-               {"in": "formData", "name": "response_format", "type": "string", "enum": list(FORMATS)}]
+FORM_FIELDS: dict[str, Any] = {
+    "file": {"type": "string", "format": "binary", "description": "Audio: wav, flac, ogg/opus, mp3, webm"},
+    "model": {"type": "string"}, "language": {"type": "string", "description": "ISO 639-1, e.g. en"},
+    "prompt": {"type": "string"}, "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    "response_format": {"type": "string", "enum": list(FORMATS)},
+}
+GRANULARITIES = {"timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["segment"]}}}
 
 
 async def read_form(request: web.Request) -> tuple[dict[str, list[str]], bytes | None]:
@@ -130,15 +132,16 @@ async def _handle(request: web.Request, task: str) -> web.Response:
 
 
 @routes.post("/v1/audio/transcriptions")
-@docs(tags=["audio"], summary="Transcribes audio into the input language.", consumes=["multipart/form-data"],
-      parameters=FORM_FIELDS + [{"in": "formData", "name": "timestamp_granularities[]", "type": "array",
-                                 "items": {"type": "string", "enum": ["segment", "word"]}}])
+@docs(tags=["audio"], summary="Transcribes audio into the input language.",
+      requestBody=form_body({**FORM_FIELDS, **GRANULARITIES}, required=["file"]),
+      responses=answers("Transcription"), **{USE_CASE: "transcript"})
 async def transcriptions(request: web.Request) -> web.Response:
     return await _handle(request, "transcribe")
 
 
 @routes.post("/v1/audio/translations")
-@docs(tags=["audio"], summary="Translates audio into English text.", consumes=["multipart/form-data"],
-      parameters=FORM_FIELDS)
+@docs(tags=["audio"], summary="Translates audio into English text.",
+      requestBody=form_body(FORM_FIELDS, required=["file"]), responses=answers("Transcription"),
+      **{USE_CASE: "transcript"})
 async def translations(request: web.Request) -> web.Response:
     return await _handle(request, "translate")

@@ -272,11 +272,14 @@ class LlamaCppEngine:
             self.fail(RuntimeError("no choice in flight had a token to decode"))
             return
         code = self._ll.llama_decode(self._ctx, self._batch)
-        while code == 1:  # no room in the context: turn the newest request away
-            if not self._shed_newest():
+        while code == 1:  # no room: free what departed clients hold, else turn the newest request away
+            self._undo_fill()
+            if not (self._drop_unwanted() or self._shed_newest()) or not self._active:
                 break
             rows = self._fill_batch()
             code = self._ll.llama_decode(self._ctx, self._batch)
+        if code == 1 and not self._active:
+            return
         if code != 0:
             raise RuntimeError(f"llama_decode failed with status {code}")
         prompt_tokens = sum(len(tokens) for _, tokens, from_prompt in self._filled if from_prompt)
@@ -303,11 +306,14 @@ class LlamaCppEngine:
 
     # -- the loop's parts ---------------------------------------------------------------------------------
 
-    def _drop_unwanted(self) -> None:
-        for seq in [s for s in self._active if not s.stream.wanted(s.index)]:
+    def _drop_unwanted(self) -> bool:
+        """Release the choices nobody waits for any more; whether there were any in flight."""
+        gone = [s for s in self._active if not s.stream.wanted(s.index)]
+        for seq in gone:
             self._release(seq, keep_cache=not seq.stream.cancelled)  # a stop string's end keeps the cache
         if any(not s.stream.wanted(s.index) for s in self._queue):
             self._queue = deque(s for s in self._queue if s.stream.wanted(s.index))
+        return bool(gone)
 
     def _admit(self) -> None:
         while self._queue:
@@ -486,7 +492,6 @@ class LlamaCppEngine:
         seq.stream.fail(ServerBusy(f"Model '{self.name}' has no room left in its context cache "
                                    f"({self.n_ctx} tokens shared by {len(self._active)} requests); retry later",
                                    retry_after=1))
-        self._undo_fill()
         self._release(seq, keep_cache=False)
         return True
 

@@ -1,4 +1,4 @@
-"""The persistent store behind assistants and files: a small interface, so that another database
+"""The persistent store behind assistants, files and stored responses: a small interface, so that another database
 (PostgreSQL for several replicas) can replace SQLite without touching the routes.
 
 Records are plain dicts in the API's own shapes; the store assigns ids and timestamps. All methods
@@ -48,6 +48,19 @@ class Store(Protocol):
                              before: str | None) -> Page: ...
 
     def detach_file(self, assistant_id: str, file_id: str) -> None: ...
+
+    # responses (the Responses API): the response as returned, the conversation it ends, its input items
+    def save_response(self, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                      input_items: list[dict[str, Any]] | None = None) -> None: ...
+
+    def get_response(self, response_id: str) -> dict[str, Any]: ...
+
+    def response_history(self, response_id: str) -> list[dict[str, Any]]: ...
+
+    def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
+                         before: str | None) -> Page: ...
+
+    def delete_response(self, response_id: str) -> None: ...
 
     # files
     def staging_path(self) -> Path:

@@ -38,6 +38,21 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     purpose TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS responses (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    history TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS response_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (response_id, id)
+);
 CREATE TABLE IF NOT EXISTS assistant_files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     assistant_id TEXT NOT NULL REFERENCES assistants(id) ON DELETE CASCADE,
@@ -70,6 +85,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._sweep()
+        self._fail_interrupted()
 
     def _sweep(self) -> None:
         for stale in self.files_dir.glob(".upload-*"):
@@ -83,6 +99,19 @@ class SQLiteStore:
         missing = sorted(file_id for file_id in known if not (self.files_dir / file_id).is_file())
         if missing:
             log.error("%d file record(s) have no stored bytes: %s", len(missing), ", ".join(missing[:10]))
+
+    def _fail_interrupted(self) -> None:
+        """Background responses the last run left unfinished will never finish: say so."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, body FROM responses WHERE status IN ('queued', 'in_progress')").fetchall()
+            for row in rows:
+                body = json.loads(row["body"])
+                body.update(status="failed", error={"code": "server_error",
+                                                    "message": "The server restarted before the response finished"})
+                db.execute("UPDATE responses SET status = 'failed', body = ? WHERE id = ?",
+                           (json.dumps(body), row["id"]))
+        if rows:
+            log.warning("%d background response(s) interrupted by a restart are marked failed", len(rows))
 
     # -- helpers --------------------------------------------------------------------------------------------
 
@@ -147,6 +176,50 @@ class SQLiteStore:
     def _require(self, db: sqlite3.Connection, table: str, object_id: str, kind: str) -> None:
         if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (object_id,)).fetchone() is None:
             raise StoreNotFound(kind, object_id)
+
+    # -- responses ------------------------------------------------------------------------------------------
+
+    def save_response(self, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                      input_items: list[dict[str, Any]] | None = None) -> None:
+        """Insert a response with its input items, or update its body (and ``history`` when given)."""
+        with self._tx() as db:
+            row = db.execute("SELECT history FROM responses WHERE id = ?", (response["id"],)).fetchone()
+            kept = json.dumps(history) if history is not None else (row["history"] if row else "[]")
+            if row is None:
+                db.execute("INSERT INTO responses (id, created_at, status, body, history) VALUES (?, ?, ?, ?, ?)",
+                           (response["id"], int(response["created_at"]), response["status"], json.dumps(response),
+                            kept))
+                for item in input_items or []:
+                    db.execute("INSERT INTO response_items (response_id, id, body) VALUES (?, ?, ?)",
+                               (response["id"], item["id"], json.dumps(item)))
+            else:
+                db.execute("UPDATE responses SET status = ?, body = ?, history = ? WHERE id = ?",
+                           (response["status"], json.dumps(response), kept, response["id"]))
+
+    def get_response(self, response_id: str) -> dict[str, Any]:
+        rows = self._query("SELECT body FROM responses WHERE id = ?", (response_id,))
+        if not rows:
+            raise StoreNotFound("response", response_id)
+        return json.loads(rows[0]["body"])
+
+    def response_history(self, response_id: str) -> list[dict[str, Any]]:
+        """The conversation up to and including the response: what ``previous_response_id`` continues."""
+        rows = self._query("SELECT history FROM responses WHERE id = ?", (response_id,))
+        if not rows:
+            raise StoreNotFound("response", response_id)
+        return json.loads(rows[0]["history"])
+
+    def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
+                         before: str | None) -> Page:
+        self.get_response(response_id)
+        rows, more = self._page("response_items", "response_id = ?", (response_id,), limit=limit, order=order,
+                                after=after, before=before)
+        return Page([json.loads(r["body"]) for r in rows], more)
+
+    def delete_response(self, response_id: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
+                raise StoreNotFound("response", response_id)
 
     # -- assistants -----------------------------------------------------------------------------------------
 
