@@ -180,10 +180,13 @@ def main() -> int:
         for r in range(args.rounds):  # alternate so that machine noise hits every side alike
             prompts = [p.format(i=r) for p in PROMPTS]
             for name, url in targets.items():
-                rows[name] += server_runs(url, args.model, system, prompts, args.max_tokens)
-                if name == "server":  # the same prompts through the Responses API, right after
-                    rows["responses"] += server_runs(url, args.model, system, prompts, args.max_tokens,
-                                                     responses=True)
+                sides = [("responses", True), (name, False)] if name == "server" else [(name, False)]
+                if name == "server":  # both APIs then find the prompts in the prompt cache alike
+                    server_runs(url, args.model, system, prompts, 2)
+                if r % 2:
+                    sides.reverse()
+                for side, responses in sides:  # the server's prompts also through the Responses API
+                    rows[side] += server_runs(url, args.model, system, prompts, args.max_tokens, responses)
             if not args.no_direct:
                 rows["direct"] += direct_runs({"gguf": str(local.gguf), "ctx": local.context_size,
                                                "threads": threads, "system": system, "prompts": prompts,

@@ -231,6 +231,10 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
     async with generation(app, job, task) as (prepared, events):
         yield prepared
         async for event in events:
+            if isinstance(event, Piece) and not plan.calls_expected:  # plain text: no call to watch for
+                if event.text:
+                    yield TextDelta(event.text)
+                continue
             if isinstance(event, Piece):
                 chunks = fmt.chunks(event.index, event.text, None)
             else:

@@ -312,14 +312,14 @@ async def run(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper
     async with contextlib.aclosing(turn_events(app, job, plan, "response")) as events:
         prepared: Prepared = await anext(events)  # type: ignore[assignment]
         steps = shaper.opening()  # the prompt is accepted: from here on, failures are part of the response
-        async for event in events:
+        while True:
             pending = emit(steps)
             if asyncio.iscoroutine(pending):
-                await pending
+                await pending  # the opening goes out while the prompt is computed
+            event = await anext(events, None)
+            if event is None:
+                return
             steps = shaper.end(event, prepared) if isinstance(event, TurnEnd) else shaper.feed(event)
-        pending = emit(steps)
-        if asyncio.iscoroutine(pending):
-            await pending
 
 
 # -- routes -----------------------------------------------------------------------------------------------
