@@ -1,11 +1,14 @@
-"""Load: N concurrent clients (streaming chat, embeddings, mixed) for a fixed time against a real server
-process on loopback, over several rounds. Reports requests/s, p50/p99 latency, errors by kind, and the
-server's RSS before and after each round.
+"""Load and soak: mixed clients (streaming chat, embeddings, speech, transcription) against a real server
+process on loopback at its default settings, first alone, then with a share of bad clients that stall
+mid-stream or disconnect at random. Several rounds; each prints per-family p50/p95, answers by status
+code, and the server's RSS.
 
-    python bench/load.py [--models-path ~/.cache/localai-aio/models] [--clients 16] [--seconds 20] [--rounds 3]
+    python bench/load.py [--models-path ~/.cache/localai-aio/models] [--clients 8] [--seconds 30]
+                         [--rounds 3] [--bad 0.1]
 
-Expected: no errors other than documented 503 queue-full answers, and RSS that stops growing after the
-first round (models loaded, caches warm).
+Targets: no 5xx; 503 only when the queue bound is reached; RSS flat after warm-up (within 5% from the
+first round with bad clients to the last); healthy clients' p95 with bad clients at most 1.5x their p95
+without them (the baseline round of the same run).
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
+import io
 import random
-import statistics
 import time
 
 from _server import DEFAULT_MODELS, server
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
+VOICE = "en-us-joe-medium"
+WHISPER = "whisper-base"
+FAMILIES = ("chat", "embeddings", "speech", "transcription")
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is two plus two?",
              "Say hello.", "What is the largest planet?"]
-
 
 
 def rss_mb(pid: int) -> float:
@@ -35,77 +39,140 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def one_request(session, url: str, kind: str) -> None:  # noqa: ANN001
-    if kind == "chat":
+class Record:
+    def __init__(self) -> None:
+        self.latencies: dict[str, list[float]] = collections.defaultdict(list)
+        self.statuses: collections.Counter[str] = collections.Counter()
+
+    def p(self, family: str, q: float) -> float:
+        values = sorted(self.latencies[family])
+        return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+async def healthy(session, url: str, family: str, speech_wav: bytes) -> int:  # noqa: ANN001
+    """One well-behaved request; returns the HTTP status (the body is read in full and checked)."""
+    import aiohttp
+
+    if family == "chat":
         body = {"model": CHAT, "messages": [{"role": "user", "content": random.choice(QUESTIONS)}],
                 "max_tokens": 24, "temperature": 0.7, "stream": True}
         async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}")
-            done = False
-            async for line in resp.content:
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-                elif line.startswith(b"data: {") and b'"error"' in line[:20]:
-                    raise RuntimeError("error event")
-            if not done:
-                raise RuntimeError("stream ended without [DONE]")
-    else:
+            data = await resp.read()
+            if resp.status == 200 and not data.rstrip().endswith(b"data: [DONE]"):
+                return 599  # a stream that ended without [DONE]: counted as a server fault
+            return resp.status
+    if family == "embeddings":
         body = {"model": EMBED, "input": [random.choice(QUESTIONS) for _ in range(random.randint(1, 4))]}
         async with session.post(url + "/v1/embeddings", json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}")
-            data = json.loads(await resp.read())
-            if len(data["data"]) != len(body["input"]):
-                raise RuntimeError("wrong number of vectors")
+            await resp.read()
+            return resp.status
+    if family == "speech":
+        body = {"model": VOICE, "input": random.choice(QUESTIONS), "response_format": "wav"}
+        async with session.post(url + "/v1/audio/speech", json=body) as resp:
+            await resp.read()
+            return resp.status
+    form = aiohttp.FormData()
+    form.add_field("file", io.BytesIO(speech_wav), filename="q.wav", content_type="audio/wav")
+    form.add_field("model", WHISPER)
+    async with session.post(url + "/v1/audio/transcriptions", data=form) as resp:
+        await resp.read()
+        return resp.status
 
 
-async def round_(url: str, clients: int, seconds: float, mix: list[str]) -> dict:
+async def bad(session, url: str) -> str:  # noqa: ANN001
+    """A client that misbehaves: stalls mid-stream without reading, or leaves at a random moment."""
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 200, "stream": True}
+    if random.random() < 0.5:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            await resp.content.readline()
+            await asyncio.sleep(random.uniform(5, 15))  # reads nothing more, then goes away
+        return "stalled"
+    request = asyncio.ensure_future(session.post(url + "/v1/chat/completions", json=body))
+    await asyncio.sleep(random.uniform(0.05, 1.0))
+    request.cancel()
+    return "disconnected"
+
+
+async def round_(url: str, clients: int, seconds: float, bad_share: float, speech_wav: bytes) -> Record:
     import aiohttp
 
-    latencies: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
+    record = Record()
     deadline = time.monotonic() + seconds
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    n_bad = round(clients * bad_share)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         async def client(i: int) -> None:
             while time.monotonic() < deadline:
-                kind = mix[i % len(mix)] if len(mix) > 1 else mix[0]
+                if i < n_bad:
+                    try:
+                        record.statuses[await bad(session, url)] += 1
+                    except (TimeoutError, aiohttp.ClientError):
+                        record.statuses["bad client error"] += 1
+                    continue
+                family = FAMILIES[i % len(FAMILIES)]
                 start = time.perf_counter()
                 try:
-                    await one_request(session, url, kind)
-                    latencies.append(time.perf_counter() - start)
-                except Exception as exc:  # counted by kind; the load goes on
-                    errors[f"{kind}: {exc}"] += 1
+                    status = await healthy(session, url, family, speech_wav)
+                except aiohttp.ClientError as exc:
+                    record.statuses[f"{family} {type(exc).__name__}"] += 1
+                    continue
+                record.statuses[f"{family} {status}"] += 1
+                if status == 200:
+                    record.latencies[family].append(time.perf_counter() - start)
 
-        start = time.monotonic()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        elapsed = time.monotonic() - start
-    latencies.sort()
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
-            "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p99": latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"), "errors": errors}
+        await asyncio.gather(*(client(i) for i in range(clients + n_bad)))
+    return record
+
+
+async def _speech_sample(url: str) -> bytes:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        body = {"model": VOICE, "input": "The quick brown fox jumps over the lazy dog.", "response_format": "wav"}
+        async with session.post(url + "/v1/audio/speech", json=body) as resp:
+            resp.raise_for_status()
+            return await resp.read()
+
+
+def report(name: str, record: Record, rss: float) -> None:
+    families = "  ".join(f"{f} p50 {record.p(f, 0.5) * 1000:.0f} / p95 {record.p(f, 0.95) * 1000:.0f} ms"
+                         for f in FAMILIES)
+    print(f"{name}: {families}")
+    print(f"    answers: {dict(sorted(record.statuses.items()))}  RSS {rss:.0f} MB")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-path", default=DEFAULT_MODELS)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--mix", default="chat,embeddings", help="comma-separated: chat, embeddings")
+    parser.add_argument("--clients", type=int, default=8, help="healthy clients, spread over the families")
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds with bad clients, after the baseline")
+    parser.add_argument("--bad", type=float, default=0.1, help="bad clients, as a share of the healthy ones")
     args = parser.parse_args()
-    mix = [m.strip() for m in args.mix.split(",") if m.strip()]
-    with server(args.models_path, "--queue-size", str(args.clients)) as (url, proc):
-        print(f"{args.clients} clients, mix {mix}, {args.seconds:g} s per round")
+    with server(args.models_path) as (url, proc):
+        wav = asyncio.run(_speech_sample(url))
+        print(f"{args.clients} healthy clients over {', '.join(FAMILIES)}; {args.seconds:g} s per round")
+        asyncio.run(round_(url, args.clients, args.seconds / 2, 0.0, wav))  # warm-up: every model loaded
+        baseline = asyncio.run(round_(url, args.clients, args.seconds, 0.0, wav))
+        report("baseline (no bad clients)", baseline, rss_mb(proc.pid))
+        rss: list[float] = []
+        worst: dict[str, float] = {}
+        faults = 0
         for r in range(args.rounds):
-            before = rss_mb(proc.pid)
-            result = asyncio.run(round_(url, args.clients, args.seconds, mix))
-            after = rss_mb(proc.pid)
-            errors = dict(result["errors"]) or "none"
-            print(f"round {r + 1}: {result['requests']} requests, {result['rps']:.1f} req/s, "
-                  f"p50 {result['p50'] * 1000:.0f} ms, p99 {result['p99'] * 1000:.0f} ms, "
-                  f"RSS {before:.0f} -> {after:.0f} MB, errors: {errors}")
+            result = asyncio.run(round_(url, args.clients, args.seconds, args.bad, wav))
+            rss.append(rss_mb(proc.pid))
+            report(f"round {r + 1} (+{round(args.clients * args.bad)} bad)", result, rss[-1])
+            faults += sum(n for key, n in result.statuses.items() if key.split()[-1].startswith("5")
+                          and not key.endswith(" 503"))
+            for family in FAMILIES:
+                worst[family] = max(worst.get(family, 0.0), result.p(family, 0.95) / baseline.p(family, 0.95))
+    print(f"\n5xx other than 503: {faults}  (target 0: {'met' if faults == 0 else 'NOT MET'})")
+    growth = rss[-1] / rss[0] if rss else float("nan")
+    print(f"RSS, last round / first round with bad clients: {growth:.3f}x  "
+          f"(target <= 1.05x: {'met' if growth <= 1.05 else 'NOT MET'})")
+    for family, ratio in worst.items():
+        print(f"{family}: worst p95 with bad clients / without: {ratio:.2f}x  "
+              f"(target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT MET'})")
     print(f"server exited with {proc.returncode} after SIGTERM")
     return 0
 
