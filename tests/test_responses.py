@@ -93,6 +93,7 @@ def test_stream_events_rebuild_the_response(serve) -> None:  # noqa: ANN001
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
     assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[2].item.content == [] and events[3].part.text == ""  # as they were when sent
     _same(events[-1].response.model_dump(), plain.model_dump())
 
 
@@ -228,4 +229,4 @@ async def test_unknown_ids_are_404(make_client, models: Path, tmp_path: Path) ->
         assert resp.status == 404, path
         assert (await resp.json())["error"]["message"] == "No response found with id 'resp_x'"
     resp = await client.post("/v1/responses", json={"model": "tiny", "input": "hi", "previous_response_id": "resp_x"})
-    assert resp.status == 404
+    assert resp.status == 404 and (await resp.json())["error"]["param"] == "previous_response_id"

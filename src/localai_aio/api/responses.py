@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import secrets
 import time
@@ -26,7 +27,7 @@ from localai_aio.api.assistants import call_store, list_body, list_params
 from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob
-from localai_aio.errors import APIError, InternalError, InvalidRequest
+from localai_aio.errors import APIError, InternalError, InvalidRequest, NotFound
 from localai_aio.openapi import answers
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
@@ -160,7 +161,10 @@ async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseR
     messages, items = read_input(body.get("input"))
     previous = body.get("previous_response_id")
     if previous is not None:
-        messages = await call_store(request, "response_history", previous) + messages
+        try:
+            messages = await call_store(request, "response_history", previous) + messages
+        except NotFound as exc:
+            raise NotFound(exc.message, param="previous_response_id") from None
     truncation = body.get("truncation") or "disabled"
     if truncation not in ("disabled", "auto"):
         raise InvalidRequest("Invalid value for 'truncation': 'auto' or 'disabled'", param="truncation")
@@ -210,7 +214,8 @@ class Shaper:
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.response, "output": [dict(item) for item in self.response["output"]]}
+        """The response as it is now; events keep it as it was when they were made."""
+        return copy.deepcopy(self.response)
 
     def opening(self) -> list[dict[str, Any]]:
         return [self.event("response.created", response=self.snapshot()),
@@ -221,7 +226,7 @@ class Shaper:
 
     def _open(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         self.response["output"].append(item)
-        return [self.event("response.output_item.added", output_index=self._index(item), item=dict(item))]
+        return [self.event("response.output_item.added", output_index=self._index(item), item=copy.deepcopy(item))]
 
     def close(self, status: str) -> list[dict[str, Any]]:
         out = []
