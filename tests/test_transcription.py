@@ -409,3 +409,20 @@ async def test_tts_round_trip(make_client, tmp_path: Path) -> None:  # noqa: ANN
     speech = await (await client.post("/v1/audio/speech", json=request)).read()
     body = await (await client.post(T, data=form(speech, model="whisper-1", language="en"))).json()
     assert "local server" in body["text"].lower()
+
+
+async def test_a_client_leaving_mid_transcription_frees_the_engine_only_when_its_thread_is_done(
+        wclient, monkeypatch) -> None:  # noqa: ANN001
+    from localai_aio.backends.onnx_whisper import WhisperEngine
+    from test_engine_release import Timeline, leave_during_work
+
+    timeline = Timeline(monkeypatch)
+    monkeypatch.setattr(WhisperEngine, "transcribe", timeline.slow(WhisperEngine.transcribe))
+    await leave_during_work(wclient, timeline, T, data=form(wav_bytes(tone(2.0)), model="whisper"))
+    timeline.working.clear()
+    resp = await wclient.post(T, data=form(wav_bytes(tone(2.0)), model="whisper"))
+    body = await resp.json()
+    assert resp.status == 200 and set(body) == {"text"} and isinstance(body["text"], str)
+    (first_start, first_end), (second_start, _) = timeline.work
+    assert timeline.released[0] >= first_end  # the first request held the engine until its work ended
+    assert second_start >= first_end
