@@ -230,3 +230,25 @@ async def test_unknown_ids_are_404(make_client, models: Path, tmp_path: Path) ->
         assert (await resp.json())["error"]["message"] == "No response found with id 'resp_x'"
     resp = await client.post("/v1/responses", json={"model": "tiny", "input": "hi", "previous_response_id": "resp_x"})
     assert resp.status == 404 and (await resp.json())["error"]["param"] == "previous_response_id"
+
+
+async def test_truncation_auto_drops_the_oldest_turns(make_client, tiny_gguf: Path, tmp_path: Path) -> None:
+    from localai_aio.config import ServerSettings
+
+    models = tmp_path / "small"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
+    write_model_yaml(models, "small", context_size=512, parameters={"model": "tiny.gguf"})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    long = "hello world " * 40
+    first = await (await client.post("/v1/responses", json={"model": "small", "input": long,
+                                                            "max_output_tokens": 4})).json()
+    assert 256 < first["usage"]["input_tokens"] < 512, first
+    ask = {"model": "small", "input": long, "previous_response_id": first["id"], "max_output_tokens": 4}
+    refused = await client.post("/v1/responses", json=ask)  # both turns do not fit
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "context_length_exceeded"
+    fitted = await client.post("/v1/responses", json={**ask, "truncation": "auto"})
+    body = await fitted.json()
+    assert fitted.status == 200 and body["truncation"] == "auto"
+    # cut from its start until it fits: the first question, then its answer, leaving the new input alone
+    assert body["usage"]["input_tokens"] == first["usage"]["input_tokens"]

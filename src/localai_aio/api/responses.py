@@ -26,7 +26,7 @@ from localai_aio import keys
 from localai_aio.api.assistants import call_store, list_body, list_params
 from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
 from localai_aio.api.common import json_route
-from localai_aio.api.text import Prepared, TextJob
+from localai_aio.api.text import Prepared, TextJob, prompt_fit
 from localai_aio.errors import APIError, InternalError, InvalidRequest, NotFound
 from localai_aio.openapi import answers
 from localai_aio.schemas import definition_schema
@@ -155,6 +155,30 @@ class ResponseRequest:
     messages: list[dict[str, Any]]  # the conversation so far plus this input, without instructions
     items: list[dict[str, Any]]
     chat: dict[str, Any] = field(default_factory=dict)
+
+    def drop_oldest(self) -> bool:
+        """``truncation: auto``: forget the conversation's oldest message (and tool results whose call
+        went with it); the newest input always stays. Whether anything was dropped."""
+        if len(self.messages) <= 1:
+            return False
+        del self.messages[0]
+        while len(self.messages) > 1 and self.messages[0]["role"] == "tool":
+            del self.messages[0]
+        system = self.chat["messages"][:1] if self.body.get("instructions") else []
+        self.chat["messages"] = system + self.messages
+        return True
+
+
+async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[TextJob, ToolPlan]:
+    """The chat job; with ``truncation: auto``, of a conversation cut from its start until the prompt
+    leaves room to answer (``disabled``, the default, answers 400 context_length_exceeded instead)."""
+    while True:
+        job, plan = build_chat_job(request, parsed.chat)
+        if parsed.body.get("truncation") != "auto":
+            return job, plan
+        tokens, context = await prompt_fit(request.app, job)
+        if tokens < context or not parsed.drop_oldest():
+            return job, plan
 
 
 async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest:
@@ -347,7 +371,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if background and stream:
         raise InvalidRequest("A background response cannot be streamed; poll it with GET /v1/responses/{id}",
                              param="stream")
-    job, plan = build_chat_job(request, parsed.chat)
+    job, plan = await fitting_job(request, parsed)
     shaper = Shaper(skeleton(body, body.get("model") or job.cfg.name, "queued" if background else "in_progress"))
     if background:
         return await _start_background(request.app, job, plan, shaper, parsed)

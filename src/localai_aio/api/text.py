@@ -166,12 +166,16 @@ async def generation(app: web.Application, job: TextJob, task: str
         yield prepared, events  # type: ignore[misc]
 
 
-async def prompt_tokens(app: web.Application, job: TextJob) -> int:
-    """How many tokens ``job``'s prompts are: built on its engine's thread with the model's own template
-    and tokenizer, exactly as a generation builds them, without generating anything."""
+async def prompt_fit(app: web.Application, job: TextJob) -> tuple[int, int]:
+    """How many tokens ``job``'s prompts are, and the model's context: built on its engine's thread with
+    the model's own template and tokenizer, exactly as a generation builds them, without generating."""
     async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
         prompts = await handle.run(job.build_prompts, handle.engine)
-    return sum(len(p) for p in prompts)
+        return sum(len(p) for p in prompts), handle.engine.n_ctx
+
+
+async def prompt_tokens(app: web.Application, job: TextJob) -> int:
+    return (await prompt_fit(app, job))[0]
 
 
 async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, response_id: str,
