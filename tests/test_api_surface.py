@@ -41,6 +41,14 @@ async def test_models_list_includes_aliases(make_client, tmp_path: Path, tiny_gg
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d")))
     ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
     assert ids == ["chat", "gpt-4", "gpt-4o"]
+    listed = {m["id"]: m for m in (await (await client.get("/v1/models")).json())["data"]}
+    for name in ("chat", "gpt-4"):  # an alias answers as itself, with the model it names as root
+        for prefix in ("/v1", ""):
+            resp = await client.get(f"{prefix}/models/{name}")
+            assert resp.status == 200
+            assert await resp.json() == {**listed[name], "root": "chat"}
+    missing = await client.get("/v1/models/nope")
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "model_not_found"
 
 
 async def test_unknown_route_and_wrong_method(client) -> None:  # noqa: ANN001
@@ -309,3 +317,18 @@ async def test_a_client_that_leaves_is_logged_as_499(client, caplog) -> None:  #
     assert "POST /v1/chat/completions 499 " in caplog.text
     metrics = await (await client.get("/metrics")).text()
     assert 'status="499"' in metrics and 'status="500"' not in metrics
+
+
+@pytest.mark.parametrize("path", ["/audio/speech", "/audio/transcriptions", "/audio/translations",
+                                  "/images/generations"])
+async def test_localai_paths_without_v1(client, path: str) -> None:  # noqa: ANN001
+    """LocalAI's clients call these without /v1: the same routes answer (here: 400 for a missing field,
+    where an unknown route would be 404)."""
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("model", "x", content_type="text/plain")  # multipart, without the file
+    resp = await (client.post(path, json={}) if "audio/t" not in path else client.post(path, data=form))
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] in ("input", "file", "prompt")

@@ -35,6 +35,7 @@ def test_openai_client_against_real_server(server_process, process_models: Path,
     server = start(server_process, process_models, tmp_path, "--api-keys", "secret")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
     assert sorted(m.id for m in client.models.list()) == ["long", "tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
 
     with pytest.raises(openai.AuthenticationError) as auth, \
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as wrong:

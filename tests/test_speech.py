@@ -148,6 +148,14 @@ async def test_localai_tts_route(tts) -> None:  # noqa: ANN001
     assert sr == 22050 and len(audio) == expected_samples(models, TEXT)
 
 
+async def test_localai_path_without_v1(tts) -> None:  # noqa: ANN001
+    client, models = tts
+    resp = await client.post("/audio/speech", json={"model": "voice", "input": TEXT, "response_format": "wav"})
+    assert resp.status == 200 and resp.headers["Content-Type"] == "audio/wav"
+    audio, sr = decode(await resp.read(), "wav")
+    assert sr == 22050 and len(audio) == expected_samples(models, TEXT)
+
+
 async def test_control_characters_are_read_as_spaces(tts) -> None:  # noqa: ANN001
     """espeak refuses a NUL; the text is still spoken (it used to end the audio after the 200)."""
     client, models = tts

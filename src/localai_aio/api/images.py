@@ -98,6 +98,7 @@ def parse_size(value: Any, default: str, limit: int) -> tuple[int, int]:
 
 
 @routes.post("/v1/images/generations")
+@routes.post("/images/generations")
 @json_route("post", "/v1/images/generations", "images", use_case="image", responses=answers())
 async def generate_images(request: web.Request) -> web.Response:
     body = request["data"]

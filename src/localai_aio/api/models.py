@@ -1,4 +1,4 @@
-"""GET /v1/models: every configured model and alias, in OpenAI's list shape."""
+"""GET /v1/models (every configured model and alias, in OpenAI's list shape) and GET /v1/models/{id}."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ async def list_models(request: web.Request) -> web.Response:
     data = [_model_entry(name, reg.config(name).created) for name in reg.names()]
     data += [_model_entry(alias, reg.config(target).created) for alias, target in reg.aliases().items()]
     return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model_id}")
+@routes.get("/models/{model_id}")
+@docs(tags=["models"], summary="Retrieve a model (an alias answers with the model it names as `root`).",
+      responses=answers("Model"))
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model_id"]
+    cfg = registry(request).config(name)  # 404 model_not_found for a name nothing configures
+    return web.json_response({**_model_entry(name, cfg.created), "root": cfg.name})

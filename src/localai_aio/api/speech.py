@@ -125,6 +125,7 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
 
 
 @routes.post("/v1/audio/speech")
+@routes.post("/audio/speech")
 @json_route("post", "/v1/audio/speech", "audio", use_case="tts", responses=answers(content_type="audio/*"))
 async def audio_speech(request: web.Request) -> web.StreamResponse:
     body = request["data"]

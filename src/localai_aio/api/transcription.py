@@ -132,6 +132,7 @@ async def _handle(request: web.Request, task: str) -> web.Response:
 
 
 @routes.post("/v1/audio/transcriptions")
+@routes.post("/audio/transcriptions")
 @docs(tags=["audio"], summary="Transcribes audio into the input language.",
       requestBody=form_body({**FORM_FIELDS, **GRANULARITIES}, required=["file"]),
       responses=answers("Transcription"), **{USE_CASE: "transcript"})
@@ -140,6 +141,7 @@ async def transcriptions(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/audio/translations")
+@routes.post("/audio/translations")
 @docs(tags=["audio"], summary="Translates audio into English text.",
       requestBody=form_body(FORM_FIELDS, required=["file"]), responses=answers("Transcription"),
       **{USE_CASE: "transcript"})
