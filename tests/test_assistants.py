@@ -127,9 +127,15 @@ async def test_files_upload_list_content_delete(client, tmp_path: Path) -> None:
     assert [p.name for p in stored] == [made["id"]]  # a server-made name, nothing else written
     other = await (await upload(client, b"x", purpose="batch")).json()
     listing = await (await client.get("/v1/files")).json()
-    assert [f["id"] for f in listing["data"]] == [made["id"], other["id"]]
+    assert listing == {"object": "list", "data": [other, made], "first_id": other["id"], "last_id": made["id"],
+                       "has_more": False}  # newest first, as OpenAI lists them
     filtered = await (await client.get("/v1/files", params={"purpose": "batch"})).json()
     assert [f["id"] for f in filtered["data"]] == [other["id"]]
+    page = await (await client.get("/v1/files", params={"limit": "1", "order": "asc"})).json()
+    assert [f["id"] for f in page["data"]] == [made["id"]] and page["has_more"] is True
+    page = await (await client.get("/v1/files", params={"limit": "1", "order": "asc", "after": made["id"]})).json()
+    assert [f["id"] for f in page["data"]] == [other["id"]] and page["has_more"] is False
+    assert (await client.get("/v1/files", params={"limit": "10001"})).status == 400
     assert await (await client.get(f"/v1/files/{made['id']}")).json() == made
     content = await client.get(f"/v1/files/{made['id']}/content")
     assert await content.read() == b"\x00binary\xff" * 100

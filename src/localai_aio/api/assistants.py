@@ -97,14 +97,15 @@ def _validate_metadata(metadata: dict[str, Any]) -> dict[str, str]:
     return metadata
 
 
-def list_params(request: web.Request) -> dict[str, Any]:
+def list_params(request: web.Request, *, default_limit: int = 20, max_limit: int = 100) -> dict[str, Any]:
+    """OpenAI's list parameters (``limit``, ``order``, ``after``, ``before``) from the query string."""
     query = request.query
     try:
-        limit = int(query.get("limit", "20"))
+        limit = int(query.get("limit", str(default_limit)))
     except ValueError:
         raise InvalidRequest("Invalid value for 'limit': must be an integer", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise InvalidRequest("Invalid value for 'limit': must be between 1 and 100", param="limit")
+    if not 1 <= limit <= max_limit:
+        raise InvalidRequest(f"Invalid value for 'limit': must be between 1 and {max_limit}", param="limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("Invalid value for 'order': must be 'asc' or 'desc'", param="order")

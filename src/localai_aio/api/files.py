@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.assistants import call_store
+from localai_aio.api.assistants import call_store, list_body, list_params
 from localai_aio.api.multipart import Upload
 from localai_aio.errors import InvalidRequest
 from localai_aio.openapi import answers, form_body
@@ -69,10 +69,12 @@ async def upload_file(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/files")
-@docs(tags=["files"], summary="List files (optionally by `purpose`).", responses=answers("FileList"))
+@docs(tags=["files"], summary="List files (`purpose`, `limit` up to 10,000, `order`, `after`, `before`).",
+      responses=answers("FileList"))
 async def list_files(request: web.Request) -> web.Response:
-    data = await call_store(request, "list_files", purpose=request.query.get("purpose"))
-    return web.json_response({"object": "list", "data": data, "has_more": False})
+    page = await call_store(request, "list_files", purpose=request.query.get("purpose"),
+                            **list_params(request, default_limit=10_000, max_limit=10_000))
+    return web.json_response(list_body(page))
 
 
 @routes.get("/v1/files/{file_id}")

@@ -332,12 +332,11 @@ class SQLiteStore:
             raise StoreNotFound("file", file_id)
         return self._file(rows[0])
 
-    def list_files(self, *, purpose: str | None) -> list[dict[str, Any]]:
-        if purpose is None:
-            rows = self._query("SELECT * FROM files ORDER BY seq")
-        else:
-            rows = self._query("SELECT * FROM files WHERE purpose = ? ORDER BY seq", (purpose,))
-        return [self._file(r) for r in rows]
+    def list_files(self, *, purpose: str | None, limit: int, order: str, after: str | None,
+                   before: str | None) -> Page:
+        where, args = ("purpose = ?", (purpose,)) if purpose is not None else ("1 = 1", ())
+        rows, more = self._page("files", where, args, limit=limit, order=order, after=after, before=before)
+        return Page([self._file(r) for r in rows], more)
 
     def file_path(self, file_id: str) -> Path:
         self.get_file(file_id)
