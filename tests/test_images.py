@@ -82,6 +82,30 @@ async def test_seed_reproducible(iclient) -> None:  # noqa: ANN001
     assert png_size(await image(7, "sd-euler")) == (64, 64)  # the YAML scheduler works too
 
 
+async def test_image_links_work_behind_a_proxy_and_without_the_key(make_client, tmp_path: Path,
+                                                                    tiny_sd: Path) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd, models / "tiny-sd")
+    write_model_yaml(models, "sd", backend="onnx-diffusion", step=1, size="64x64", parameters={"model": "tiny-sd"})
+    keyed = {"Authorization": "Bearer k"}
+    ask = {"model": "sd", "prompt": "a cat"}
+    proxied = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "a"), threads=1,
+                                               api_keys=("k",)))
+    body = await (await proxied.post(IMAGES, json=ask, headers={
+        **keyed, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "ai.example.org"})).json()
+    url = body["data"][0]["url"]
+    assert url.startswith("https://ai.example.org/generated-images/") and len(url.rsplit("/", 1)[1]) >= 32
+    image = await proxied.get(url.removeprefix("https://ai.example.org"))  # no key: the name is the capability
+    assert image.status == 200 and png_size(await image.read()) == (64, 64)
+    assert (await proxied.post(IMAGES, json=ask)).status == 401  # generating still needs the key
+    configured = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "b"),
+                                                  threads=1, base_url="https://public.example/ai"))
+    body = await (await configured.post(IMAGES, json=ask, headers={"X-Forwarded-Host": "ignored"})).json()
+    assert body["data"][0]["url"].startswith("https://public.example/ai/generated-images/")
+
+
 async def test_url_images_are_served_and_cleaned_up(iclient) -> None:  # noqa: ANN001
     client, tmp_path = iclient
     body = await (await client.post(IMAGES, json={"model": "sd", "prompt": "a cat", "step": 1})).json()

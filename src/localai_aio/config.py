@@ -50,6 +50,13 @@ def _address(value: str) -> str:
     return value
 
 
+def _base_url(value: str) -> str:
+    value = str(value).strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if str(value).lower() not in choices:
@@ -158,6 +165,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest audio /v1/audio/transcriptions and /translations accept, in seconds, judged from the file's "
             "header before decoding; longer clips get 400. 0 means no limit.",
             ("LOCALAI_MAX_AUDIO_SECONDS",), "SECONDS"),
+    Setting("base_url", "", _base_url,
+            "The server's public URL (behind a proxy), for the links it returns, such as generated images. "
+            "Unset: from X-Forwarded-Proto/X-Forwarded-Host, else from the request.",
+            ("LOCALAI_BASE_URL",), "URL"),
     Setting("shutdown_timeout", 30.0, _positive_float,
             "Seconds in-flight requests get to finish after SIGTERM.",
             ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
@@ -194,6 +205,7 @@ class ServerSettings:
     generated_max_age: float = 3600.0
     write_timeout: float = 30.0
     max_audio_seconds: float = 7200.0
+    base_url: str = ""
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

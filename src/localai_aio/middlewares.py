@@ -19,7 +19,8 @@ access_log = logging.getLogger("localai_aio.access")
 
 #: Paths that answer without an API key: health probes and the API documentation.
 PUBLIC_PATHS = ("/healthz", "/readyz", "/swagger.json")
-PUBLIC_PREFIXES = ("/swagger/",)
+# Generated images' 128-bit random names are the capability to fetch them, so links work in any client.
+PUBLIC_PREFIXES = ("/swagger/", "/generated-images/")
 
 #: Set on handlers whose body is a JSON object validated by a schema (see ``api.common.json_route``).
 EXPECTS_JSON = "__localai_expects_json__"

@@ -136,9 +136,20 @@ async def generate_images(request: web.Request) -> web.Response:
     else:
         folder = images_dir(request.app)
         names = [await run_blocking(executor, _save, folder, png) for png in pngs]
-        base = f"{request.scheme}://{request.host}"
+        base = public_base(request)
         data = [{"url": f"{base}/generated-images/{name}"} for name in names]
     return web.json_response({"created": now(), "data": data})
+
+
+def public_base(request: web.Request) -> str:
+    """Where clients reach this server: ``--base-url``, else what a proxy says it forwarded, else the request."""
+    configured = request.app[keys.SETTINGS].base_url
+    if configured:
+        return configured
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    proto = proto if proto in ("http", "https") else request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    return f"{proto}://{host}"
 
 
 @routes.get("/generated-images/{name}")
