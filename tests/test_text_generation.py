@@ -353,3 +353,71 @@ async def test_completion_bad_prompts(client, prompt) -> None:  # noqa: ANN001
     resp = await client.post(COMPLETIONS, json=body)
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "prompt"
+
+
+PARIS = 271  # " Paris" in the tiny vocabulary
+
+
+@pytest.mark.llama
+async def test_logit_bias_steers_and_bans_tokens(client) -> None:  # noqa: ANN001
+    async def say(**extra: object) -> str:
+        body = await (await client.post(CHAT, json={"model": "tiny-llama", "messages": HI, "max_tokens": 3,
+                                                    "temperature": 0, **extra})).json()
+        return body["choices"][0]["message"]["content"]
+
+    assert await say() == " Hello world!"
+    assert await say(logit_bias={str(PARIS): 100}) == " Paris Paris Paris"
+    banned = await say(logit_bias={str(HELLO): -100})
+    assert not banned.startswith(" Hello")
+    resp = await client.post(CHAT, json={"model": "tiny-llama", "messages": HI, "logit_bias": {"99999": 5}})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "logit_bias"
+
+
+@pytest.mark.llama
+async def test_sampling_fields_reach_llama_cpp(client, monkeypatch) -> None:  # noqa: ANN001
+    """typical_p, mirostat (v1 and v2) and repeat_last_n are handed to llama.cpp's samplers as asked."""
+    import llama_cpp
+
+    calls: dict[str, list[tuple]] = {}
+
+    def spy(name: str) -> None:
+        original = getattr(llama_cpp, name)
+
+        def wrapper(*args):  # noqa: ANN002, ANN202
+            calls.setdefault(name, []).append(tuple(round(a, 4) if isinstance(a, float) else a for a in args))
+            return original(*args)
+
+        monkeypatch.setattr(llama_cpp, name, wrapper)
+
+    for name in ("llama_sampler_init_typical", "llama_sampler_init_mirostat", "llama_sampler_init_mirostat_v2",
+                 "llama_sampler_init_penalties", "llama_sampler_init_top_k"):
+        spy(name)
+    base = {"model": "tiny-llama", "messages": HI, "max_tokens": 2, "temperature": 0.8, "seed": 7}
+    for extra in ({"typical_p": 0.5}, {"mirostat": 1, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
+                  {"mirostat": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.3},
+                  {"repeat_penalty": 1.3, "repeat_last_n": 16}):
+        resp = await client.post(CHAT, json={**base, **extra})
+        assert resp.status == 200, await resp.text()
+    assert calls["llama_sampler_init_typical"][0] == (0.5, 1)
+    assert calls["llama_sampler_init_mirostat"] == [(327, 7, 3.0, 0.2, 100)]
+    assert calls["llama_sampler_init_mirostat_v2"] == [(7, 4.0, 0.3)]
+    assert [c[1:3] for c in calls["llama_sampler_init_penalties"]] == [(16, 1.3)]
+    assert len(calls["llama_sampler_init_top_k"]) == 2  # Mirostat replaces top-k, top-p and min-p
+
+
+@pytest.mark.parametrize(("model", "extra", "param"), [
+    pytest.param("tiny-llama", {"tfs_z": 0.9}, "tfs_z", marks=pytest.mark.llama),
+    pytest.param("tiny-llama", {"n_keep": 8}, "n_keep", marks=pytest.mark.llama),
+    pytest.param("tiny-llama", {"mirostat": 3}, "mirostat", marks=pytest.mark.llama),
+    pytest.param("tiny-llama", {"logit_bias": {"x": 1}}, "logit_bias", marks=pytest.mark.llama),
+    pytest.param("tiny-ct", {"logit_bias": {str(PARIS): 5}}, "logit_bias", marks=pytest.mark.ctransformers),
+    pytest.param("tiny-ct", {"mirostat": 2}, "mirostat", marks=pytest.mark.ctransformers),
+    pytest.param("tiny-ct", {"typical_p": 0.5}, "typical_p", marks=pytest.mark.ctransformers),
+])
+async def test_sampling_nobody_applies_is_400(client, model: str, extra: dict, param: str) -> None:  # noqa: ANN001
+    """Nothing accepted is ignored: what the model's engine cannot apply gets 400 naming the field."""
+    resp = await client.post(CHAT, json={"model": model, "messages": HI, "max_tokens": 2, **extra})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == param
+    ok = await client.post(CHAT, json={"model": model, "messages": HI, "max_tokens": 2, "tfs_z": 1.0, "n_keep": 0})
+    assert ok.status == 200  # the neutral values are no request for anything

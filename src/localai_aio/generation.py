@@ -20,6 +20,7 @@ from localai_aio.errors import ContextLengthExceeded, InvalidRequest, NotImpleme
 from localai_aio.schemas import BOUNDS
 
 MAX_STOP_SEQUENCES = 16
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class GenParams:
     logprobs: int | None = None  # None: off; N >= 0: the chosen token plus N alternatives
     grammar: str | None = None
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    typical_p: float = 1.0
+    mirostat: int = 0  # 0: off; 1 or 2: Mirostat v1 / v2 in place of top-k, top-p and min-p
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    repeat_last_n: int = 64  # tokens the penalties look back over (-1: the whole context, 0: none)
 
     def for_choice(self, index: int) -> GenParams:
         """Choice ``i`` of ``n`` uses seed + i, so n choices differ yet the request stays reproducible."""
@@ -108,6 +115,8 @@ class TextEngine(Protocol):
     info: GGUFInfo
     supports_grammar: bool
     supports_logprobs: bool
+    sampling: frozenset[str]  # the EXTRA_SAMPLING fields this engine applies
+    n_vocab: int
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
 
@@ -180,6 +189,18 @@ class StopMatcher:
         return out
 
 
+#: Sampling beyond temperature, top-k, top-p and the repeat penalty, by GenParams field: an engine names
+#: the ones it applies (``TextEngine.sampling``); a request that sets another one gets 400 naming it.
+EXTRA_SAMPLING = ("min_p", "presence_penalty", "frequency_penalty", "logit_bias", "typical_p", "mirostat",
+                  "repeat_last_n")
+
+
+def asked_sampling(params: GenParams) -> list[str]:
+    """The extra sampling fields ``params`` sets to something other than their neutral default."""
+    neutral = GenParams()
+    return [name for name in EXTRA_SAMPLING if getattr(params, name) != getattr(neutral, name)]
+
+
 def _token_logprob(step: TokenStep) -> TokenLogprob:
     def entry(raw: bytes, logprob: float) -> dict[str, Any]:
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
@@ -208,6 +229,15 @@ def check_capabilities(engine: TextEngine, params: GenParams, backend: str) -> N
             raise InvalidRequest(f"Invalid grammar: {problem}", param="grammar")
     if params.logprobs is not None and not engine.supports_logprobs:
         raise NotImplementedForModel(f"The '{backend}' backend does not report logprobs", param="logprobs")
+    for name in asked_sampling(params):
+        if name not in engine.sampling:
+            raise NotImplementedForModel(f"The '{backend}' backend cannot apply '{name}'; use a model with "
+                                         "`backend: llama-cpp`", param=name)
+    vocab = engine.n_vocab
+    for token, _ in params.logit_bias:
+        if token >= vocab:
+            raise InvalidRequest(f"Invalid value for 'logit_bias': token id {token} is outside the model's "
+                                 f"vocabulary of {vocab}", param="logit_bias")
 
 
 def token_budget(n_ctx: int, prompt_len: int, params: GenParams) -> int:
@@ -323,6 +353,7 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
     """Model YAML ``parameters`` give the defaults; the request overrides them."""
     merged = {**{k: v for k, v in defaults.items() if v is not None},
               **{k: v for k, v in body.items() if v is not None}}
+    _refused(merged)
     base = GenParams()
     max_tokens = merged.get("max_completion_tokens", merged.get("max_tokens"))
     if max_tokens is not None:
@@ -343,7 +374,40 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
         logprobs=logprobs,
         grammar=grammar,
         ignore_eos=bool(merged.get("ignore_eos", False)),
+        logit_bias=_logit_bias(merged.get("logit_bias")),
+        typical_p=float(_number(merged, "typical_p", base.typical_p)),
+        mirostat=int(_integer(merged, "mirostat", base.mirostat)),
+        mirostat_tau=float(_number(merged, "mirostat_tau", base.mirostat_tau)),
+        mirostat_eta=float(_number(merged, "mirostat_eta", base.mirostat_eta)),
+        repeat_last_n=int(_integer(merged, "repeat_last_n", base.repeat_last_n)),
     )
+
+
+def _refused(merged: Mapping[str, Any]) -> None:
+    """Fields clients send that this server cannot honour: a 400 naming them, never silence."""
+    if merged.get("tfs_z", 1.0) != 1.0:
+        raise InvalidRequest("'tfs_z' (tail-free sampling) is not supported: llama.cpp removed it; use 'min_p' "
+                             "or 'typical_p'", param="tfs_z")
+    if merged.get("n_keep", 0) != 0:
+        raise InvalidRequest("'n_keep' only matters when a full context is shifted, which this server never does "
+                             "(a prompt that does not fit gets 400 context_length_exceeded)", param="n_keep")
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` (-100 to 100), read in the model's own vocabulary."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"Invalid value for 'logit_bias': an object of at most {MAX_LOGIT_BIAS} token ids",
+                             param="logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not str(key).isdigit() or isinstance(bias, bool) or not isinstance(bias, int | float) \
+                or not -100 <= bias <= 100:
+            raise InvalidRequest(f"Invalid value for 'logit_bias': {key!r}: {bias!r}; keys are token ids, values "
+                                 "numbers from -100 to 100", param="logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 def parse_n(body: Mapping[str, Any]) -> int:

@@ -28,7 +28,8 @@ SPEC_FILE = "localai-swagger.json"
 BOUNDS: dict[str, tuple[float, float | None]] = {
     "temperature": (0, 2), "top_p": (0, 1), "top_k": (0, None), "min_p": (0, 1), "repeat_penalty": (0, 10),
     "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "max_tokens": (1, None), "n": (1, 16),
-    "seed": (-(2**63), 2**63 - 1),
+    "seed": (-(2**63), 2**63 - 1), "typical_p": (0, 1), "mirostat": (0, 2), "mirostat_tau": (0, 100),
+    "mirostat_eta": (0, 1), "repeat_last_n": (-1, None),
 }
 
 

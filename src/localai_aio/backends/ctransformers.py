@@ -38,6 +38,7 @@ def check_loadable(info: GGUFInfo) -> None:
 class CTransformersEngine:
     supports_grammar = False
     supports_logprobs = False
+    sampling = frozenset({"repeat_last_n"})
 
     def __init__(self, cfg: ModelConfig, settings: ServerSettings):
         path = require_file(cfg)
@@ -88,7 +89,8 @@ class CTransformersEngine:
         yield from self.llm.generate(
             list(prompt), top_k=1 if greedy else params.top_k, top_p=params.top_p,
             temperature=max(params.temperature, 1e-6) if not greedy else 1.0,
-            repetition_penalty=params.repeat_penalty, seed=params.seed if params.seed is not None else -1,
+            repetition_penalty=params.repeat_penalty, last_n_tokens=params.repeat_last_n if params.repeat_last_n >= 0
+            else self.n_ctx, seed=params.seed if params.seed is not None else -1,
             threads=self.threads, reset=True,
         )
 

@@ -33,7 +33,7 @@ from localai_aio.backends import gbnf
 from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, slots_for, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.errors import ServerBusy
-from localai_aio.generation import GenParams, SeqEnd, TokenStep, TokenStream, token_budget
+from localai_aio.generation import EXTRA_SAMPLING, GenParams, SeqEnd, TokenStep, TokenStream, token_budget
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
@@ -51,8 +51,6 @@ RATE_WINDOW = 10.0
 PROMPT_CACHE_MB = 256
 #: Shorter caches are not worth a copy: computing them again is as quick.
 MIN_CACHED_TOKENS = 4
-#: The penalties look back this many tokens, as llama-cpp-python's high-level API does.
-PENALTY_LAST_N = 64
 
 
 def extra_buffers(cfg: ModelConfig | None) -> bool:
@@ -142,6 +140,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class LlamaCppEngine:
     supports_grammar = True
     supports_logprobs = True
+    sampling = frozenset(EXTRA_SAMPLING)
 
     def __init__(self, cfg: ModelConfig, settings: ServerSettings):
         import llama_cpp
@@ -503,13 +502,17 @@ class LlamaCppEngine:
         ll = self._ll
         penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
         greedy = params.temperature <= 0
-        if greedy and not penalties and params.grammar is None:
+        if greedy and not penalties and params.grammar is None and not params.logit_bias:
             return None
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = (ll.llama_logit_bias * len(params.logit_bias))(
+                *[ll.llama_logit_bias(token, bias) for token, bias in params.logit_bias])
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if penalties:
+            last_n = self.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty,
-                params.presence_penalty))
+                self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if params.grammar is not None:
             grammar = ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
             if not grammar:
@@ -518,9 +521,16 @@ class LlamaCppEngine:
             ll.llama_sampler_chain_add(chain, grammar)
         if greedy:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        elif params.mirostat:  # Mirostat steers perplexity itself, in place of top-k, top-p and min-p
+            seed = params.seed if params.seed is not None else random.randrange(2**31)
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_mirostat(
+                self.n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100) if params.mirostat == 1 else
+                ll.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
         else:
             seed = params.seed if params.seed is not None else random.randrange(2**31)
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_typical(params.typical_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(params.min_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
