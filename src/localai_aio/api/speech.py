@@ -27,6 +27,8 @@ from localai_aio.runtime import produced
 from localai_aio.sse import write_or_drop
 
 log = logging.getLogger(__name__)
+#: OpenAI's raw ``pcm`` is 24 kHz 16-bit mono whatever the voice: players built for it assume that rate.
+OPENAI_PCM_RATE = 24000
 routes = web.RouteTableDef()
 
 MAX_INPUT = 4096
@@ -136,7 +138,8 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(f"Invalid value for 'response_format': {name!r}; supported: {', '.join(FORMATS)}",
                              param="response_format")
     cfg, voice = _tts_model(request, body.get("model"), body.get("voice"))
-    return await speak(request, cfg, text=text, voice=voice, speed=speed, fmt=FORMATS[name], rate=None)
+    return await speak(request, cfg, text=text, voice=voice, speed=speed, fmt=FORMATS[name],
+                       rate=OPENAI_PCM_RATE if name == "pcm" else None)
 
 
 @routes.post("/v1/text-to-speech/{voice_id}")
