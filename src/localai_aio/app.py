@@ -26,6 +26,7 @@ from localai_aio.api import (
     models,
     responses,
     speech,
+    tokenize,
     transcription,
 )
 from localai_aio.backends import default_backends
@@ -40,8 +41,8 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, responses, messages, embeddings, speech, transcription, images,
-               assistants, files)
+API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, speech, transcription,
+               images, assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:

@@ -149,6 +149,7 @@ COMPONENTS: dict[str, Any] = {
 
 #: Constraints of whole objects that no single field states, by component name.
 SCHEMA_DOCS: dict[str, dict[str, Any]] = {
+    "localai.TokenizeRequest": {"anyOf": [{"required": ["content"]}, {"required": ["prompt"]}]},
     "schema.Message": {"required": ["role"], "anyOf": [
         {"properties": {"role": {"enum": sorted(ROLES - {"tool"})}}},
         {"required": ["tool_call_id"], "properties": {"role": {"enum": ["tool"]}, "tool_call_id": {"type": "string"}}},

@@ -140,6 +140,8 @@ FIELD_OVERRIDES: dict[str, Any] = {
     "stop": lambda: OneOfTypes(str, list, allow_none=True, shapes={list: {"items": {"type": "string"}}}),
     "input": lambda: OneOfTypes(str, list, shapes={str: _TEXT, list: _TEXTS}),
     "schema.TTSRequest.input": fields.String,
+    "localai.TokenizeRequest.content": fields.String,
+    "localai.TokenizeRequest.prompt": fields.String,
     "tool_choice": lambda: OneOfTypes(str, dict, shapes={str: {"enum": ["none", "auto", "required"]}}),
     "function_call": lambda: OneOfTypes(str, dict, shapes={str: {"enum": ["none", "auto"]}}),
     "openai.ResponsesRequest.input": lambda: OneOfTypes(str, list, shapes={str: _TEXT, list: _ITEMS}),
@@ -181,6 +183,22 @@ EXTRA_DEFINITIONS: dict[str, Any] = {
     "localai.AssistantFileRequest": {
         "type": "object", "required": ["file_id"],
         "properties": {"file_id": {"type": "string", "description": "A file uploaded to /v1/files"}},
+    },
+    "localai.TokenizeRequest": {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "content": {"type": "string", "description": "The text (llama.cpp's and LocalAI's name)"},
+            "prompt": {"type": "string", "description": "The text (vLLM's name)"},
+            "add_special": {"type": "boolean", "description": "Add the model's BOS token (default false)"},
+            "add_special_tokens": {"type": "boolean", "description": "vLLM's name for it (default true)"},
+            "with_pieces": {"type": "boolean", "description": "Each token as {id, piece}"},
+        },
+    },
+    "localai.DetokenizeRequest": {
+        "type": "object", "required": ["tokens"],
+        "properties": {"model": {"type": "string"},
+                       "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
     },
     "openai.ResponsesRequest": {
         "type": "object", "required": ["input"],
