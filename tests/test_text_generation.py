@@ -421,3 +421,18 @@ async def test_sampling_nobody_applies_is_400(client, model: str, extra: dict, p
     assert (await resp.json())["error"]["param"] == param
     ok = await client.post(CHAT, json={"model": model, "messages": HI, "max_tokens": 2, "tfs_z": 1.0, "n_keep": 0})
     assert ok.status == 200  # the neutral values are no request for anything
+
+
+@pytest.mark.llama
+async def test_system_fingerprint_in_answers_and_chunks(client) -> None:  # noqa: ANN001
+    body = await (await client.post(CHAT, json={"model": "tiny-llama", "messages": HI, "max_tokens": 2})).json()
+    fingerprint = body["system_fingerprint"]
+    assert fingerprint.startswith("fp_") and len(fingerprint) == 13
+    resp = await client.post(CHAT, json={"model": "tiny-llama", "messages": HI, "max_tokens": 2, "stream": True})
+    chunks = await sse_events(resp)
+    assert chunks and all(chunk["system_fingerprint"] == fingerprint for chunk in chunks)
+    completion = await (await client.post(COMPLETIONS, json={"model": "tiny-llama", "prompt": "hi",
+                                                              "max_tokens": 2})).json()
+    assert completion["system_fingerprint"] == fingerprint  # the same model and configuration
+    other = await (await client.post(CHAT, json={"model": "tiny-ct", "messages": HI, "max_tokens": 2})).json()
+    assert other["system_fingerprint"] != fingerprint

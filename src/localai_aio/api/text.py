@@ -166,6 +166,17 @@ async def generation(app: web.Application, job: TextJob, task: str
         yield prepared, events  # type: ignore[misc]
 
 
+def fingerprint(cfg: ModelConfig) -> str:
+    """OpenAI's ``system_fingerprint``: it changes when what answers changes (this server's version, the
+    model's file or its configuration), so clients can tell when the same seed may answer differently."""
+    import hashlib
+
+    from localai_aio import __version__
+
+    source = f"{__version__}|{cfg.name}|{cfg.model_path}|{sorted(cfg.parameters.items())}|{cfg.backend}"
+    return "fp_" + hashlib.sha256(source.encode()).hexdigest()[:10]
+
+
 async def prompt_fit(app: web.Application, job: TextJob) -> tuple[int, int]:
     """How many tokens ``job``'s prompts are, and the model's context: built on its engine's thread with
     the model's own template and tokenizer, exactly as a generation builds them, without generating."""
@@ -182,7 +193,8 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
                      created: int) -> web.StreamResponse:
     app = request.app
     model_name = request["data"].get("model") or job.cfg.name
-    envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name}
+    envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name,
+                "system_fingerprint": fingerprint(job.cfg)}
     completion_tokens = 0
     async with generation(app, job, fmt.object_name) as (prepared, events):
         indexes = prepared.indexes
@@ -229,6 +241,7 @@ async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, respon
         choices.append(fmt.choice(i, prefix + "".join(texts[i]), logprobs[i] if job.want_logprobs else None,
                                   reasons.get(i, "stop")))
     body = {"id": response_id, "object": fmt.object_name, "created": created, "model": model_name,
+            "system_fingerprint": envelope["system_fingerprint"],
             "choices": choices, "usage": _usage(prepared.prompt_tokens, completion_tokens, sum(prepared.cached))}
     return web.json_response(body)
 
