@@ -16,6 +16,7 @@ from localai_aio.errors import InvalidRequest
 from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, parse_params
 from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
+from localai_aio.reasoning import ReasoningSplitter, markers_for
 from localai_aio.tools import ToolPlan, looks_like_call, parse_calls, plan_tools, tool_prompt
 
 routes = web.RouteTableDef()
@@ -29,10 +30,23 @@ class ChatFormat:
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, plan: ToolPlan | None = None):
+    def __init__(self, plan: ToolPlan | None = None, job: TextJob | None = None):
         self.plan = plan or ToolPlan()
+        self.job = job
         self._mode: dict[int, str] = {}  # choice index -> "undecided" | "text" | "call"
         self._held: dict[int, str] = {}
+        self._thinking: dict[int, ReasoningSplitter] = {}
+
+    def splitter(self, index: int) -> ReasoningSplitter | None:
+        """Reasoning is split off before anything else looks at the text (read once the prompt exists)."""
+        if self.job is None or self.job.reasoning is None:
+            return None
+        if index not in self._thinking:
+            self._thinking[index] = ReasoningSplitter(self.job.reasoning, inside=self.job.opens_reasoning)
+        return self._thinking[index]
+
+    def _reasoning_chunk(self, index: int, text: str) -> dict:
+        return {"index": index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
     def _logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -47,6 +61,11 @@ class ChatFormat:
         return parse_calls(text, self.plan.names or None)
 
     def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str) -> dict:
+        reasoning = ""
+        splitter = self.splitter(index)
+        if splitter is not None:
+            (thought, answer), (rest, tail) = splitter.feed(text), splitter.finish()
+            reasoning, text = thought + rest, answer + tail
         message: dict[str, Any] = {"role": "assistant", "content": text}
         calls = self._calls(text) if finish_reason != "length" else None
         if calls is None and self.plan.calls_expected and looks_like_call(text):
@@ -57,6 +76,8 @@ class ChatFormat:
         elif calls:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish_reason = "tool_calls"
+        if reasoning:
+            message["reasoning_content"] = reasoning
         return {"index": index, "message": message, "logprobs": self._logprobs(logprobs),
                 "finish_reason": finish_reason}
 
@@ -69,6 +90,16 @@ class ChatFormat:
                 "finish_reason": None}
 
     def chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        splitter = self.splitter(index)
+        if splitter is None:
+            return self._answer_chunks(index, text, logprobs)
+        thought, answer = splitter.feed(text)
+        out = [self._reasoning_chunk(index, thought)] if thought else []
+        if answer or (logprobs and not thought):
+            out += self._answer_chunks(index, answer, logprobs)
+        return out
+
+    def _answer_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
         if not self.plan.calls_expected:
             return [self._content(index, text, logprobs)]
         mode = self._mode.setdefault(index, "undecided")
@@ -86,6 +117,15 @@ class ChatFormat:
         return []
 
     def finish_chunks(self, index: int, finish_reason: str) -> list[dict]:
+        out: list[dict] = []
+        splitter = self._thinking.pop(index, None)
+        if splitter is not None:
+            thought, answer = splitter.finish()
+            out += [self._reasoning_chunk(index, thought)] if thought else []
+            out += self._answer_chunks(index, answer, None) if answer else []
+        return out + self._closing_chunks(index, finish_reason)
+
+    def _closing_chunks(self, index: int, finish_reason: str) -> list[dict]:
         held = self._held.pop(index, "")
         mode = self._mode.pop(index, "text")
         out: list[dict] = []
@@ -183,6 +223,8 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
         text = render_chat(source, shaped, bos_token=info.token_text(info.bos_id),
                            eos_token=info.token_text(info.eos_id),
                            tools=[dict(t) for t in plan.tools] or None)
+        if job.reasoning is not None:  # e.g. "<|im_start|>assistant\n<think>\n": the answer starts thinking
+            job.opens_reasoning = text.rstrip().endswith(job.reasoning.start)
         ids = engine.tokenize(text, add_bos=False, special=True)
         if info.add_bos and info.bos_id is not None and (not ids or ids[0] != info.bos_id):
             ids.insert(0, info.bos_id)
@@ -190,7 +232,7 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
 
     job = TextJob(cfg=cfg, backend=reg.backend_name(cfg) or "", build_prompts=build, params=params,
                   n=parse_n(body), stream=bool(body.get("stream")), include_usage=stream_options(body),
-                  want_logprobs=logprobs is not None)
+                  want_logprobs=logprobs is not None, reasoning=markers_for(cfg.option("reasoning")))
     return job, plan
 
 
@@ -227,13 +269,15 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
     """A one-choice chat generation: ``Prepared`` first, then text, tool calls and the end, decided by
     the same ``ChatFormat`` that shapes chat completions, so every protocol sees the same turn. Close
     it (``contextlib.aclosing``) to stop the generation."""
-    fmt = ChatFormat(plan)
+    fmt = ChatFormat(plan, job)
     async with generation(app, job, task) as (prepared, events):
         yield prepared
         async for event in events:
             if isinstance(event, Piece) and not plan.calls_expected:  # plain text: no call to watch for
-                if event.text:
-                    yield TextDelta(event.text)
+                splitter = fmt.splitter(event.index)
+                answer = splitter.feed(event.text)[1] if splitter is not None else event.text
+                if answer:
+                    yield TextDelta(answer)  # reasoning is not part of these protocols' answer text
                 continue
             if isinstance(event, Piece):
                 chunks = fmt.chunks(event.index, event.text, None)
@@ -257,4 +301,4 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
 @json_route("post", "/v1/chat/completions", "chat", use_case="chat", responses=answers("ChatCompletion", stream=True))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     job, plan = build_chat_job(request, request["data"])
-    return await serve_text(request, job, ChatFormat(plan), new_id("chatcmpl"), now())
+    return await serve_text(request, job, ChatFormat(plan, job), new_id("chatcmpl"), now())

@@ -33,6 +33,7 @@ from localai_aio.generation import (
     check_capabilities,
     check_prompt_fits,
 )
+from localai_aio.reasoning import Markers
 from localai_aio.registry import EngineHandle
 from localai_aio.runtime import produced
 from localai_aio.sse import EventStream, ending
@@ -68,6 +69,8 @@ class TextJob:
     include_usage: bool = False
     want_logprobs: bool = False
     prefix_texts: list[str] = field(default_factory=list)  # completions' echo: text before each prompt's choices
+    reasoning: Markers | None = None  # chat: where reasoning text starts and ends (None: no splitting)
+    opens_reasoning: bool = False  # set when the prompt is built: its generation prompt opens the reasoning
 
 
 def _prepare(engine: TextEngine, job: TextJob) -> list[list[int]]:
