@@ -334,6 +334,11 @@ async def test_completion_token_prompts_and_logprobs(client) -> None:  # noqa: A
     assert lp["tokens"] == [" world", "!"] and lp["text_offset"] == [0, 6]
     assert [list(t) for t in lp["top_logprobs"]] == [[" world"], ["!"]]
     assert body["usage"]["prompt_tokens"] == 3
+    events = await sse_events(await client.post(COMPLETIONS, json={
+        "model": "tiny-llama", "prompt": [[hello]], "max_tokens": 3, "temperature": 0, "logprobs": 0, "stream": True}))
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    # each chunk's offsets count from the start of the whole text, as in the non-streamed answer
+    assert [(p["tokens"], p["text_offset"]) for p in streamed] == [([" world"], [0]), (["!"], [6]), ([" Hello"], [7])]
     resp = await client.post(COMPLETIONS, json={"model": "tiny-llama", "prompt": [[999999]]})
     assert resp.status == 400 and "vocabulary" in (await resp.json())["error"]["message"]
 

@@ -32,6 +32,9 @@ class CompletionFormat:
     object_name = "text_completion"
     chunk_object_name = "text_completion"
 
+    def __init__(self) -> None:
+        self._sent: dict[int, int] = {}  # characters of each choice streamed so far: text_offset counts from its start
+
     @staticmethod
     def _logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
         if entries is None:
@@ -51,7 +54,9 @@ class CompletionFormat:
         return []
 
     def chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
-        return [{"text": text, "index": index, "logprobs": self._logprobs(logprobs), "finish_reason": None}]
+        start = self._sent.get(index, 0)
+        self._sent[index] = start + len(text)
+        return [{"text": text, "index": index, "logprobs": self._logprobs(logprobs, start), "finish_reason": None}]
 
     def finish_chunks(self, index: int, finish_reason: str) -> list[dict]:
         return [{"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason}]
