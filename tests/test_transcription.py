@@ -428,3 +428,65 @@ async def test_a_client_leaving_mid_transcription_frees_the_engine_only_when_its
     (first_start, first_end), (second_start, _) = timeline.work
     assert timeline.released[0] >= first_end  # the first request held the engine until its work ended
     assert second_start >= first_end
+
+
+
+def encode(audio: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+    """Audio in a container people record in (webm/Opus from browsers, m4a/mp4 AAC from phones), via PyAV."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout="mono",
+                                      rate=rate)
+        for converted in resampler.resample(frame):
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+CONTAINERS = [("webm", "libopus", "a.webm"), ("ipod", "aac", "a.m4a"), ("mp4", "aac", "a.mp4")]
+
+
+@pytest.mark.parametrize(("container", "codec", "filename"), CONTAINERS)
+def test_containers_people_record_in_are_decoded(container: str, codec: str, filename: str) -> None:
+    from localai_aio.audio import open_audio
+
+    t = np.arange(48000 * 2) / 48000
+    data = encode((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, container, codec)
+    source = open_audio(data, 7200)
+    assert abs(source.duration - 2.0) < 0.05  # from the container's header
+    audio = source.read(0, 10 * 16000)
+    assert abs(len(audio) - 32000) < 800 and abs(source.duration - len(audio) / 16000) < 1e-9
+    spectrum = np.abs(np.fft.rfft(audio[4000:28000]))
+    assert abs(np.argmax(spectrum) * 16000 / 24000 - 440) < 2  # the tone survives decoding and resampling
+
+
+def test_a_length_no_header_states_is_bounded_while_decoding() -> None:
+    """A container that does not state its length (as browsers' webm recordings do not) is refused as
+    soon as decoding passes the limit."""
+    from localai_aio.audio import AudioSource, AudioTooLong
+
+    source = AudioSource(wav_bytes(tone(8.0)), max_seconds=3.0, block_frames=16000)
+    source._header_seconds = None  # what such a container gives
+    with pytest.raises(AudioTooLong, match="lasts more than"):
+        source.read(0, 30 * 16000)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("container", "codec", "filename"), CONTAINERS)
+async def test_real_whisper_hears_recorded_containers(real_whisper, container: str, codec: str,
+                                                       filename: str) -> None:  # noqa: ANN001
+    import soundfile
+    import soxr
+
+    speech, rate = soundfile.read(io.BytesIO(espeak("The quick brown fox jumps over the lazy dog")),
+                                  dtype="float32")
+    data = encode(soxr.resample(speech, rate, 48000), 48000, container, codec)  # Opus wants 48 kHz
+    body = await (await real_whisper.post(T, data=form(data, filename, model="whisper-1"))).json()
+    assert "lazy dog" in body["text"].lower()

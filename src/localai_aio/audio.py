@@ -166,8 +166,9 @@ class AudioTooLong(ValueError):
 
     code = "audio_too_long"
 
-    def __init__(self, seconds: float, limit: float):
-        super().__init__(f"the clip lasts {seconds:.1f} s ({_clock(seconds)}); the longest accepted is "
+    def __init__(self, seconds: float, limit: float, *, at_least: bool = False):
+        lasts = "lasts more than" if at_least else "lasts"
+        super().__init__(f"the clip {lasts} {seconds:.1f} s ({_clock(seconds)}); the longest accepted is "
                          f"{limit:g} s ({_clock(limit)})")
         self.seconds = seconds
         self.limit = limit
@@ -194,41 +195,36 @@ class AudioSource:
     """An upload as float32 mono at ``rate``, decoded only as far as it is read.
 
     A compressed upload can hold hours of audio in a few MB, so the whole clip never exists decoded:
-    blocks are read (channels averaged) and resampled with soxr's streaming resampler as ``read`` needs
-    them, and samples before the last read's start are dropped. Reads only move forward, but may start
-    before the previous one ended (Whisper's next window starts at its last timestamp), so what is held is
-    about one read's span and a block, whatever the clip's length. Not thread-safe: one thread reads at a
-    time. The file closes itself at the end of the clip, or when the source is dropped.
+    blocks are decoded (channels averaged, resampled on the fly) as ``read`` needs them, and samples
+    before the last read's start are dropped. Reads only move forward, but may start before the previous
+    one ended (Whisper's next window starts at its last timestamp), so what is held is about one read's
+    span and a block, whatever the clip's length. libsndfile reads wav, flac, ogg/opus and mp3; PyAV
+    (FFmpeg) reads what browsers and phones record (webm, m4a, mp4). Not thread-safe: one thread reads
+    at a time. The file closes itself at the end of the clip, or when the source is dropped.
     """
 
-    def __init__(self, data: bytes, rate: int = 16000, block_frames: int = BLOCK_FRAMES):
+    def __init__(self, data: bytes, rate: int = 16000, block_frames: int = BLOCK_FRAMES, max_seconds: float = 0.0):
         self.rate = rate
-        self._block_frames = block_frames
-        self._file = None
-        self._resampler = None
-        self._header_seconds = 0.0
+        self.max_seconds = max_seconds
+        self._header_seconds: float | None = 0.0
+        self._blocks: Iterator[np.ndarray] = iter(())
         if data:
-            self._open(data)
-        self._ended = self._file is None
+            try:
+                self._blocks, self._header_seconds = _sndfile_blocks(data, rate, block_frames)
+            except UnreadableAudio:
+                self._blocks, self._header_seconds = _av_blocks(data, rate)  # raises the same when it fails too
+        self._ended = not data
         self._produced = 0  # samples at ``rate`` decoded so far
         self._buffer = np.zeros(0, np.float32)
         self._offset = 0  # index in the clip of ``_buffer[0]``
 
-    def _open(self, data: bytes) -> None:
-        import soundfile
-        import soxr
-
-        with _readable():
-            self._file = soundfile.SoundFile(io.BytesIO(data))
-        self._header_seconds = self._file.frames / self._file.samplerate
-        if self._file.samplerate != self.rate:
-            self._resampler = soxr.ResampleStream(self._file.samplerate, self.rate, 1, dtype="float32",
-                                                  quality="HQ")
-
     @property
     def duration(self) -> float:
-        """Seconds: from the header until the clip has been decoded to its end, then exact."""
-        return self._produced / self.rate if self._ended else self._header_seconds
+        """Seconds: from the header until the clip has been decoded to its end (or as far as decoded, for a
+        container that does not say, as browsers' webm recordings do not), then exact."""
+        if self._ended or self._header_seconds is None:
+            return self._produced / self.rate
+        return self._header_seconds
 
     def read(self, start: int, end: int) -> np.ndarray:
         """Samples ``[start, end)`` (fewer at the end of the clip); those before ``start`` are gone after."""
@@ -256,29 +252,97 @@ class AudioSource:
             self._buffer = np.concatenate(blocks)
 
     def _decode_block(self) -> np.ndarray:
-        with _readable():
-            block = self._file.read(self._block_frames, dtype="float32", always_2d=True)
-        last = len(block) < self._block_frames
-        mono = block.mean(axis=1, dtype=np.float32)
-        if self._resampler is not None:
-            mono = self._resampler.resample_chunk(mono, last=last)
-        if last:
-            self._file.close()
+        block = next(self._blocks, None)
+        if block is None:
             self._ended = True
-        self._produced += len(mono)
-        return mono
+            return np.zeros(0, np.float32)
+        self._produced += len(block)
+        if self.max_seconds and self._produced > self.max_seconds * self.rate:  # a length no header announced
+            self.close()
+            raise AudioTooLong(self._produced / self.rate, self.max_seconds, at_least=True)
+        return block
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+        self._ended = True
+
+
+def _sndfile_blocks(data: bytes, rate: int, block_frames: int) -> tuple[Iterator[np.ndarray], float]:
+    """libsndfile's formats: blocks of the file resampled with soxr's streaming resampler, and the length."""
+    import soundfile
+    import soxr
+
+    with _readable():
+        file = soundfile.SoundFile(io.BytesIO(data))
+    resampler = None
+    if file.samplerate != rate:
+        resampler = soxr.ResampleStream(file.samplerate, rate, 1, dtype="float32", quality="HQ")
+
+    def blocks() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                with _readable():
+                    block = file.read(block_frames, dtype="float32", always_2d=True)
+                last = len(block) < block_frames
+                mono = block.mean(axis=1, dtype=np.float32)
+                yield resampler.resample_chunk(mono, last=last) if resampler is not None else mono
+                if last:
+                    return
+        finally:
+            file.close()
+
+    return blocks(), file.frames / file.samplerate
+
+
+def _av_blocks(data: bytes, rate: int) -> tuple[Iterator[np.ndarray], float | None]:
+    """Containers libsndfile cannot open (webm, m4a, mp4...), through PyAV: its decoded frames resampled to
+    float mono at ``rate`` by FFmpeg's resampler, and the length when the container states it."""
+    try:
+        import av
+    except ImportError:  # pragma: no cover - PyAV comes with the stt extra
+        raise UnreadableAudio("the file is not audio in a format libsndfile reads (wav, flac, ogg, opus, mp3)") \
+            from None
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise UnreadableAudio(f"the file is not audio in a supported format (wav, flac, ogg, opus, mp3, webm, "
+                              f"m4a, mp4): {' '.join(str(exc).split())[:120]}") from None
+    if not container.streams.audio:
+        container.close()
+        raise UnreadableAudio("the file holds no audio stream")
+    stream = container.streams.audio[0]
+    seconds = None
+    if container.duration:
+        seconds = container.duration / av.time_base
+    elif stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+
+    def blocks() -> Iterator[np.ndarray]:
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+        except av.error.FFmpegError as exc:
+            raise UnreadableAudio(f"the audio could not be decoded: {' '.join(str(exc).split())[:120]}") from None
+        finally:
+            container.close()
+
+    return blocks(), seconds
 
 
 def open_audio(data: bytes, max_seconds: float = 0.0, rate: int = 16000) -> AudioSource:
-    """Any format libsndfile reads (wav, flac, ogg/opus, mp3, ...), any rate and channel count, as a
-    source of float32 mono at ``rate``. Only the header is read here, so a clip longer than
-    ``max_seconds`` (0: no limit) is refused before any of it is decoded."""
-    source = AudioSource(data, rate)
-    if max_seconds and source.duration > max_seconds:
+    """Any format libsndfile or FFmpeg reads, any rate and channel count, as a source of float32 mono at
+    ``rate``. Only the header is read here, so a clip longer than ``max_seconds`` (0: no limit) is refused
+    before any of it is decoded; one whose container does not state its length is refused as soon as its
+    decoding passes the limit."""
+    source = AudioSource(data, rate, max_seconds=max_seconds)
+    seconds = source.duration
+    if max_seconds and seconds > max_seconds:
         source.close()
-        raise AudioTooLong(source.duration, max_seconds)
+        raise AudioTooLong(seconds, max_seconds)
     return source
