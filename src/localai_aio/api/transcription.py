@@ -14,6 +14,7 @@ from localai_aio import keys
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
+from localai_aio.backends.whisper_languages import language_name
 from localai_aio.errors import InvalidRequest
 from localai_aio.openapi import USE_CASE, answers, form_body
 from localai_aio.runtime import CancelFlag, run_blocking
@@ -79,7 +80,8 @@ def render(result: Any, fmt: str, task: str) -> web.Response:
                      "temperature": s.temperature, "avg_logprob": s.avg_logprob,
                      "compression_ratio": s.compression_ratio, "no_speech_prob": s.no_speech_prob}
                     for s in result.segments]
-        return web.json_response({"task": task, "language": result.language, "duration": round(result.duration, 3),
+        return web.json_response({"task": task, "language": language_name(result.language),
+                                  "duration": round(result.duration, 3),
                                   "text": result.text, "segments": segments})
     return web.json_response({"text": result.text})
 
