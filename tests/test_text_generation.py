@@ -400,14 +400,15 @@ async def test_sampling_fields_reach_llama_cpp(client, monkeypatch) -> None:  # 
     base = {"model": "tiny-llama", "messages": HI, "max_tokens": 2, "temperature": 0.8, "seed": 7}
     for extra in ({"typical_p": 0.5}, {"mirostat": 1, "mirostat_tau": 3.0, "mirostat_eta": 0.2},
                   {"mirostat": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.3},
-                  {"repeat_penalty": 1.3, "repeat_last_n": 16}):
+                  {"repeat_penalty": 1.3, "repeat_last_n": 16}, {"repeat_penalty": 1.1, "repeat_last_n": 10**9}):
         resp = await client.post(CHAT, json={**base, **extra})
         assert resp.status == 200, await resp.text()
     assert calls["llama_sampler_init_typical"][0] == (0.5, 1)
     assert calls["llama_sampler_init_mirostat"] == [(327, 7, 3.0, 0.2, 100)]
     assert calls["llama_sampler_init_mirostat_v2"] == [(7, 4.0, 0.3)]
-    assert [c[1:3] for c in calls["llama_sampler_init_penalties"]] == [(16, 1.3)]
-    assert len(calls["llama_sampler_init_top_k"]) == 2  # Mirostat replaces top-k, top-p and min-p
+    # a look-back past the context is the context (llama.cpp would try to allocate it, and abort)
+    assert [c[1:3] for c in calls["llama_sampler_init_penalties"]] == [(16, 1.3), (256, 1.1)]
+    assert len(calls["llama_sampler_init_top_k"]) == 3  # of 5 requests: Mirostat replaces top-k, top-p and min-p
 
 
 @pytest.mark.parametrize(("model", "extra", "param"), [

@@ -36,8 +36,10 @@ async def test_detokenize_round_trip(client, model: str) -> None:  # noqa: ANN00
     for path in ("/v1/detokenize", "/detokenize"):
         resp = await client.post(path, json={"model": model, "tokens": [HELLO, WORLD, EXCLAIM]})
         assert await resp.json() == {"content": " Hello world!", "prompt": " Hello world!"}
-    bad = await client.post("/v1/detokenize", json={"model": model, "tokens": [10**6]})
-    assert bad.status == 400 and (await bad.json())["error"]["param"] == "tokens"
+    for token in (10**6, -75488):  # a negative id used to abort the whole process inside llama.cpp
+        bad = await client.post("/v1/detokenize", json={"model": model, "tokens": [token]})
+        assert bad.status == 400 and (await bad.json())["error"]["param"] == "tokens"
+    assert (await client.get("/healthz")).status == 200
 
 
 async def test_tokenize_errors(client) -> None:  # noqa: ANN001

@@ -29,8 +29,8 @@ def _tokenize(engine: Any, text: str, add_bos: bool, with_pieces: bool) -> list[
 
 
 def _detokenize(engine: Any, tokens: list[int]) -> str:
-    if any(token >= engine.n_vocab for token in tokens):
-        bad = next(token for token in tokens if token >= engine.n_vocab)
+    bad = next((token for token in tokens if not 0 <= token < engine.n_vocab), None)
+    if bad is not None:  # llama.cpp aborts the whole process on an id outside its vocabulary
         raise InvalidRequest(f"Token id {bad} is outside the model's vocabulary of {engine.n_vocab}",
                              param="tokens")
     return b"".join(engine.token_bytes(token) for token in tokens).decode("utf-8", "replace")

@@ -510,7 +510,7 @@ class LlamaCppEngine:
                 *[ll.llama_logit_bias(token, bias) for token, bias in params.logit_bias])
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if penalties:
-            last_n = self.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+            last_n = self.n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, self.n_ctx)
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
                 self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if params.grammar is not None:
