@@ -255,9 +255,11 @@ async def test_a_client_that_stops_reading_does_not_hold_the_voice(make_client, 
 
 
 async def test_streamed_wav_reads_with_the_standard_readers(tts) -> None:  # noqa: ANN001
-    """A WAV streamed before its length is known still opens with Python's wave module and soundfile."""
+    """A WAV streamed before its length is known still opens with Python's wave module, soundfile and
+    FFmpeg (its own demuxer and decoder, through PyAV)."""
     import wave
 
+    import av
     import soundfile
 
     client, models = tts
@@ -269,3 +271,8 @@ async def test_streamed_wav_reads_with_the_standard_readers(tts) -> None:  # noq
     audio, rate = soundfile.read(io.BytesIO(data), dtype="int16")
     assert rate == 22050 and len(audio) == expected_samples(models, TEXT)
     assert np.array_equal(audio, np.frombuffer(frames, "<i2"))
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        assert (container.format.name, stream.codec_context.name, stream.rate) == ("wav", "pcm_s16le", 22050)
+        decoded = np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(stream)])
+    assert np.array_equal(decoded, audio)
