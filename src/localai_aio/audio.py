@@ -33,6 +33,8 @@ class AudioFormat:
     sf_subtype: str | None = None
     streamed: bool = True
     options: tuple[tuple[str, object], ...] = ()
+    av_format: str | None = None  # written by FFmpeg through PyAV (a muxer that streams, and its codec)
+    av_codec: str | None = None
 
 
 FORMATS = {
@@ -42,6 +44,8 @@ FORMATS = {
     "mp3": AudioFormat("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III",
                        options=(("bitrate_mode", "CONSTANT"), ("compression_level", 0.3))),
     "opus": AudioFormat("opus", "audio/ogg", "OGG", "OPUS"),
+    # AAC in ADTS frames: each frame carries its own header, so the stream plays as it arrives
+    "aac": AudioFormat("aac", "audio/aac", av_format="adts", av_codec="aac"),
 }
 
 
@@ -112,6 +116,41 @@ class _GrowingBuffer(io.RawIOBase):
         return out
 
 
+class _AvWriter:
+    """Encodes with FFmpeg (PyAV) into a growing buffer; the bytes each chunk adds go out at once."""
+
+    def __init__(self, fmt: AudioFormat, rate: int):
+        import av
+
+        self._av = av
+        self._sink = _GrowingBuffer()
+        self._container = av.open(self._sink, mode="w", format=fmt.av_format)
+        self._stream = self._container.add_stream(fmt.av_codec, rate=rate, layout="mono")
+        self._convert = av.AudioResampler(format=self._stream.codec_context.codec.audio_formats[0].name,
+                                          layout="mono", rate=rate)
+        self.rate = rate
+
+    def _mux(self, frame) -> None:  # noqa: ANN001
+        for converted in self._convert.resample(frame):
+            for packet in self._stream.encode(converted):
+                self._container.mux(packet)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        if len(samples):
+            frame = self._av.AudioFrame.from_ndarray(samples.astype(np.float32).reshape(1, -1), format="flt",
+                                                     layout="mono")
+            frame.sample_rate = self.rate
+            self._mux(frame)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        self._mux(None)
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._sink.take()
+
+
 class StreamEncoder:
     """Feed float32 mono chunks at ``rate``; get encoded bytes back as soon as they exist."""
 
@@ -124,6 +163,7 @@ class StreamEncoder:
         self._started = False
         self._sink: _GrowingBuffer | None = None
         self._file = None
+        self._av: _AvWriter | None = _AvWriter(fmt, self.rate) if fmt.av_format else None
         if fmt.sf_format:
             import soundfile
 
@@ -133,6 +173,8 @@ class StreamEncoder:
 
     def feed(self, samples: np.ndarray) -> bytes:
         samples = resample(samples, self.in_rate, self.rate)
+        if self._av is not None:
+            return self._av.write(samples)
         if self._file is not None:
             self._file.write(samples)
             return self._sink.take() if self.fmt.streamed else b""
@@ -143,6 +185,8 @@ class StreamEncoder:
         return head + to_int16(samples).tobytes()
 
     def finish(self) -> bytes:
+        if self._av is not None:
+            return self._av.close()
         if self._file is not None:
             self._file.close()
             return self._sink.take()

@@ -32,7 +32,7 @@ OPENAI_PCM_RATE = 24000
 routes = web.RouteTableDef()
 
 MAX_INPUT = 4096
-ELEVENLABS_FORMAT = re.compile(r"^(mp3|pcm|wav|opus|flac)_(\d{4,6})(?:_(\d+))?$")
+ELEVENLABS_FORMAT = re.compile(r"^(mp3|pcm|wav|opus|flac|aac)_(\d{4,6})(?:_(\d+))?$")
 
 
 def _text(body: dict[str, Any], key: str) -> str:
