@@ -122,6 +122,15 @@ class InternalError(APIError):
     code = "internal_error"
 
 
+def failure(exc: BaseException, what: str, request_id: str | None) -> APIError:
+    """What a client is told of ``exc`` once its answer has started: an API error as it is; anything
+    else is logged here, with the request id, and told only that generation failed."""
+    if isinstance(exc, APIError):
+        return exc
+    log.error("%s failed (request id %s)", what, request_id, exc_info=exc)
+    return InternalError("Generation failed")
+
+
 def speaks_anthropic(request: web.Request) -> bool:
     return request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/")
 

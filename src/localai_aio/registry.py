@@ -191,6 +191,12 @@ class ModelRegistry:
 
     # -- use ----------------------------------------------------------------------------------------------
 
+    async def call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(engine, *args)`` on an instance of ``name``, on that instance's thread, holding it only
+        for the call: for work that is one call (a batch of embeddings, a tokenization)."""
+        async with self.acquire(name) as handle:
+            return await handle.run(fn, handle.engine, *args)
+
     @contextlib.asynccontextmanager
     async def acquire(self, name: str) -> AsyncIterator[EngineHandle]:
         """Hold an engine instance of ``name`` for the duration of the block (shared, for a batching one)."""

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from localai_aio import keys
-from localai_aio.errors import APIError, InternalError
+from localai_aio.errors import APIError, failure
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,4 @@ def ending(stream: EventStream, exc: BaseException, what: str) -> APIError | Non
         return None
     if not stream.started:
         raise exc
-    if isinstance(exc, APIError):
-        return exc
-    log.error("%s failed mid-stream (request id %s)", what, stream.request.get(keys.REQUEST_ID), exc_info=exc)
-    return InternalError("Generation failed")
+    return failure(exc, what, stream.request.get(keys.REQUEST_ID))

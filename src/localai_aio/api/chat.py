@@ -273,18 +273,12 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
     async with generation(app, job, task) as (prepared, events):
         yield prepared
         async for event in events:
-            if isinstance(event, Piece) and not plan.calls_expected:  # plain text: no call to watch for
-                splitter = fmt.splitter(event.index)
-                answer = splitter.feed(event.text)[1] if splitter is not None else event.text
-                if answer:
-                    yield TextDelta(answer)  # reasoning is not part of these protocols' answer text
-                continue
             if isinstance(event, Piece):
                 chunks = fmt.chunks(event.index, event.text, None)
             else:
                 chunks = fmt.finish_chunks(event.index, event.reason)
             for chunk in chunks:
-                delta = chunk["delta"]
+                delta = chunk["delta"]  # reasoning_content is not part of these protocols' answer text
                 if delta.get("content"):
                     yield TextDelta(delta["content"])
                 for call in delta.get("tool_calls", ()):

@@ -80,8 +80,7 @@ def batcher_for(request: web.Request, model: str) -> MicroBatcher:
 
         async def run(items: list[Item]) -> list[Any]:
             started = time.perf_counter()
-            async with app[keys.REGISTRY].acquire(model) as handle:
-                results = await handle.run(_embed_items, handle.engine, items)
+            results = await app[keys.REGISTRY].call(model, _embed_items, items)
             app[keys.METRICS].inference.labels(model, "embeddings").observe(time.perf_counter() - started)
             return results
 

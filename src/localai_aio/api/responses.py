@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +26,13 @@ from localai_aio.api.assistants import call_store, list_body, list_params
 from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob, prompt_fit
-from localai_aio.errors import APIError, InternalError, InvalidRequest, NotFound
+from localai_aio.errors import APIError, InvalidRequest, NotFound, failure
 from localai_aio.openapi import answers
+from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
 from localai_aio.tools import ToolPlan
 
-log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 ROLES = ("user", "system", "developer", "assistant")
@@ -44,6 +43,16 @@ SAVE_EVERY = 1.0  # seconds between progress saves of a background response
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _append_call(messages: list[dict[str, Any]], call_id: str, name: str, arguments: str) -> None:
+    """A function call as chat messages have it: consecutive calls are one assistant turn."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    last = messages[-1] if messages else None
+    if last and last["role"] == "assistant" and last.get("tool_calls") and not last.get("content"):
+        last["tool_calls"].append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
 # -- request -> chat request ------------------------------------------------------------------------------
@@ -92,12 +101,7 @@ def read_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             if not all(isinstance(v, str) and v for v in (call_id, name)) or not isinstance(arguments, str):
                 raise InvalidRequest(f"Invalid value for '{where}': a function_call needs call_id, name and "
                                      "arguments (a JSON string)", param=where)
-            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-            last = messages[-1] if messages else None
-            if last and last["role"] == "assistant" and last.get("tool_calls") and not last.get("content"):
-                last["tool_calls"].append(call)  # consecutive calls are one assistant turn
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            _append_call(messages, call_id, name, arguments)
             items.append({"id": item.get("id") or _id("fc"), "type": "function_call", "call_id": call_id,
                           "name": name, "arguments": arguments, "status": "completed"})
         elif kind == "function_call_output":
@@ -135,7 +139,7 @@ def _tool_choice(choice: Any) -> Any:
 
 
 def _response_format(text: Any) -> dict[str, Any] | None:
-    fmt = (text or {}).get("format") if isinstance(text, dict) else None
+    fmt = text.get("format") if isinstance(text, dict) else None
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -216,7 +220,7 @@ def skeleton(body: dict[str, Any], model: str, status: str) -> dict[str, Any]:
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "model": model, "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"), "temperature": body.get("temperature"),
-        "top_p": body.get("top_p"), "text": {"format": (text or {}).get("format") or {"type": "text"}},
+        "top_p": body.get("top_p"), "text": {"format": text.get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
         "truncation": body.get("truncation") or "disabled", "usage": None, "metadata": body.get("metadata") or {},
         "store": body.get("store", True), "user": body.get("user"),
@@ -325,26 +329,23 @@ class Shaper:
             if item["type"] == "message":
                 out.append({"role": "assistant", "content": item["content"][0]["text"]})
             elif item["type"] == "function_call":
-                call = {"id": item["call_id"], "type": "function",
-                        "function": {"name": item["name"], "arguments": item["arguments"]}}
-                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
-                    out[-1]["tool_calls"].append(call)
-                else:
-                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                _append_call(out, item["call_id"], item["name"], item["arguments"])
         return out
 
 
+async def _ignore(_steps: list[dict[str, Any]]) -> None:
+    """A plain (not streamed) answer is built by the shaper alone; its events go nowhere."""
+
+
 async def run(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper,
-              emit: Callable[[list[dict[str, Any]]], Any]) -> None:
-    """Generate the turn; ``emit`` receives every step's events (and is awaited when it returns an
-    awaitable). The first error surfaces as it is when nothing was generated yet."""
+              emit: Callable[[list[dict[str, Any]]], Awaitable[None]] = _ignore) -> None:
+    """Generate the turn; ``emit`` receives every step's events. The first error surfaces as it is when
+    nothing was generated yet."""
     async with contextlib.aclosing(turn_events(app, job, plan, "response")) as events:
         prepared: Prepared = await anext(events)  # type: ignore[assignment]
         steps = shaper.opening()  # the prompt is accepted: from here on, failures are part of the response
         while True:
-            pending = emit(steps)
-            if asyncio.iscoroutine(pending):
-                await pending  # the opening goes out while the prompt is computed
+            await emit(steps)  # the opening goes out while the prompt is computed
             event = await anext(events, None)
             if event is None:
                 return
@@ -355,8 +356,7 @@ async def run(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper
 
 async def _save(app: web.Application, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
                 items: list[dict[str, Any]] | None = None) -> None:
-    await asyncio.get_running_loop().run_in_executor(
-        app[keys.EXECUTOR], lambda: app[keys.STORE].save_response(response, history, items))
+    await run_blocking(app[keys.EXECUTOR], app[keys.STORE].save_response, response, history, items)
 
 
 @routes.post("/v1/responses")
@@ -377,7 +377,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return await _start_background(request.app, job, plan, shaper, parsed)
     if stream:
         return await _stream(request, job, plan, shaper, parsed)
-    await run(request.app, job, plan, shaper, lambda steps: None)
+    await run(request.app, job, plan, shaper)
     if store:
         await _save(request.app, shaper.response, shaper.history(parsed.messages), parsed.items)
     return web.json_response(shaper.response)
@@ -410,6 +410,15 @@ class Running:
 
     task: asyncio.Future | None = None
     cancel_requested: bool = False
+
+    async def cancel(self) -> None:
+        """Stop it as the client asked (status ``cancelled``), and wait until its state is saved."""
+        if self.task is None or self.task.done():
+            return
+        self.cancel_requested = True
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
 
 async def _start_background(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper,
@@ -449,10 +458,7 @@ async def _background(app: web.Application, job: TextJob, plan: ToolPlan, shaper
         await asyncio.shield(_save(app, shaper.snapshot()))
         raise
     except Exception as exc:
-        error = exc if isinstance(exc, APIError) else InternalError("Generation failed")
-        if not isinstance(exc, APIError):
-            log.exception("background response %s failed", shaper.response["id"])
-        shaper.failed(error)
+        shaper.failed(failure(exc, f"background response {shaper.response['id']}", None))
         await _save(app, shaper.snapshot())
         return
     await _save(app, shaper.snapshot(), shaper.history(parsed.messages))
@@ -468,7 +474,6 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-
 @routes.get("/v1/responses/{response_id}")
 @docs(tags=["responses"], summary="Retrieve a stored response.", responses=answers("Response"))
 async def get_response(request: web.Request) -> web.Response:
@@ -480,11 +485,8 @@ async def get_response(request: web.Request) -> web.Response:
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
     running = request.app[keys.BACKGROUND].get(response_id)
-    if running is not None and running.task is not None:
-        running.cancel_requested = True
-        running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.task
+    if running is not None:
+        await running.cancel()
     await call_store(request, "delete_response", response_id)
     return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
@@ -498,10 +500,7 @@ async def cancel_response(request: web.Request) -> web.Response:
         raise InvalidRequest("Only background responses can be cancelled", param="response_id")
     running = request.app[keys.BACKGROUND].get(response_id)
     if running is not None and running.task is not None and not running.task.done():
-        running.cancel_requested = True
-        running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.task
+        await running.cancel()
         response = await call_store(request, "get_response", response_id)
     return web.json_response(response)
 

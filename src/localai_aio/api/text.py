@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from localai_aio import keys
+from localai_aio import __version__, keys
 from localai_aio.config import ModelConfig
 from localai_aio.generation import (
     ChoiceText,
@@ -172,10 +173,6 @@ async def generation(app: web.Application, job: TextJob, task: str
 def fingerprint(cfg: ModelConfig) -> str:
     """OpenAI's ``system_fingerprint``: it changes when what answers changes (this server's version, the
     model's file or its configuration), so clients can tell when the same seed may answer differently."""
-    import hashlib
-
-    from localai_aio import __version__
-
     source = f"{__version__}|{cfg.name}|{cfg.model_path}|{sorted(cfg.parameters.items())}|{cfg.backend}"
     return "fp_" + hashlib.sha256(source.encode()).hexdigest()[:10]
 
@@ -183,9 +180,10 @@ def fingerprint(cfg: ModelConfig) -> str:
 async def prompt_fit(app: web.Application, job: TextJob) -> tuple[int, int]:
     """How many tokens ``job``'s prompts are, and the model's context: built on its engine's thread with
     the model's own template and tokenizer, exactly as a generation builds them, without generating."""
-    async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
-        prompts = await handle.run(job.build_prompts, handle.engine)
-        return sum(len(p) for p in prompts), handle.engine.n_ctx
+    def measure(engine: TextEngine) -> tuple[int, int]:
+        return sum(len(p) for p in job.build_prompts(engine)), engine.n_ctx
+
+    return await app[keys.REGISTRY].call(job.cfg.name, measure)
 
 
 async def prompt_tokens(app: web.Application, job: TextJob) -> int:

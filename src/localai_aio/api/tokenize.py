@@ -21,11 +21,11 @@ from localai_aio.schemas import definition_schema
 routes = web.RouteTableDef()
 
 
-def _tokenize(engine: Any, text: str, add_bos: bool, with_pieces: bool) -> list[Any]:
+def _tokenize(engine: Any, text: str, add_bos: bool, with_pieces: bool) -> dict[str, Any]:
     ids = engine.tokenize(text, add_bos=add_bos, special=True)
-    if not with_pieces:
-        return ids
-    return [{"id": token, "piece": engine.token_bytes(token).decode("utf-8", "replace")} for token in ids]
+    tokens = [{"id": token, "piece": engine.token_bytes(token).decode("utf-8", "replace")} for token in ids] \
+        if with_pieces else ids
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.n_ctx}
 
 
 def _detokenize(engine: Any, tokens: list[int]) -> str:
@@ -47,10 +47,8 @@ async def tokenize(request: web.Request) -> web.Response:
         raise InvalidRequest("'content' (or 'prompt') is required", param="content")
     add_bos = body["add_special"] if "add_special" in body else body.get("add_special_tokens", "prompt" in body)
     cfg = resolve_model(request, body.get("model"), "completion")
-    async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
-        tokens = await handle.run(_tokenize, handle.engine, text, bool(add_bos), bool(body.get("with_pieces")))
-        context = handle.engine.n_ctx
-    return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": context})
+    return web.json_response(await request.app[keys.REGISTRY].call(
+        cfg.name, _tokenize, text, bool(add_bos), bool(body.get("with_pieces"))))
 
 
 @routes.post("/v1/detokenize")
@@ -60,6 +58,5 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "completion")
-    async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
-        text = await handle.run(_detokenize, handle.engine, body["tokens"])
+    text = await request.app[keys.REGISTRY].call(cfg.name, _detokenize, body["tokens"])
     return web.json_response({"content": text, "prompt": text})
