@@ -272,12 +272,13 @@ async def test_yaml_parallel_calls_and_mixed_mode(make_client, tmp_path: Path, t
     write_model_yaml(models, "nomixed", context_size=1024, parameters={"model": "t.gguf"},
                      function={"grammar": {"mixed_mode": False}})
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    from localai_aio.tool_formats import GENERIC
     from localai_aio.tools import plan_tools
 
     # parallel_calls: false -> the grammar has no array branch, so exactly one call comes back
     request = {"tools": [WEATHER, TIME], "tool_choice": "required"}
-    assert '"["' in plan_tools(request, {}).grammar
-    assert '"["' not in plan_tools(request, {"grammar": {"parallel_calls": False}}).grammar
+    assert '"["' in plan_tools(request, {}).constraint(GENERIC)[0]
+    assert '"["' not in plan_tools(request, {"grammar": {"parallel_calls": False}}).constraint(GENERIC)[0]
     body = await (await client.post(CHAT, json={"model": "single", "messages": ASK, "tools": [WEATHER, TIME],
                                                 "tool_choice": "required", "temperature": 0,
                                                 "max_tokens": 300})).json()

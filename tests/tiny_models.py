@@ -25,7 +25,9 @@ LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in ran
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def vocabulary(bpe: bool = False) -> tuple[list[str], list[int], list[float]]:
+def vocabulary(bpe: bool = False, extra: dict[str, int] | None = None) -> tuple[list[str], list[int], list[float]]:
+    """SentencePiece (or BPE) pieces; ``extra`` appends tokens of the given GGUF token types (3: control,
+    4: user-defined), such as a tool format's markers."""
     tokens, types, scores = [], [], []
     for i, tok in enumerate(SPECIALS):
         tokens.append(tok)
@@ -40,10 +42,15 @@ def vocabulary(bpe: bool = False) -> tuple[list[str], list[int], list[float]]:
         tokens.append(word if not bpe else word.replace("▁", "Ġ"))
         types.append(1)
         scores.append(-float(i) if len(word) > 1 else -100.0 - i)
+    for text, kind in (extra or {}).items():
+        tokens.append(text)
+        types.append(kind)
+        scores.append(0.0)
     return tokens, types, scores
 
 
-def successors(tokens: list[str]) -> dict[int, int]:
+def successors(tokens: list[str], then: dict[str, str] | None = None) -> dict[int, int]:
+    """Each token's greedy successor; ``then`` overrides some (e.g. "!" -> a tool call's opener)."""
     index = {t: i for i, t in enumerate(tokens)}
     space = "Ġ" if "ĠHello" in index else "▁"
     newline = index.get("<0x0A>", index.get("Ċ"))
@@ -56,16 +63,19 @@ def successors(tokens: list[str]) -> dict[int, int]:
         succ[newline] = index[f"{space}Hello"]
     # Never produce <unk>/<s> by accident: the default successor of the last token is " Hello".
     succ[len(tokens) - 1] = index[f"{space}Hello"]
+    for src, dst in (then or {}).items():
+        succ[index[src]] = index[dst]
     return succ
 
 
 def write_tiny_gguf(path: str | Path, *, bpe: bool = False, chat_template: str | None = CHATML,
                     dim: int = 64, layers: int = 2, context: int = 256, seed: int = 0,
-                    logit_scale: float = 4.0) -> Path:
+                    logit_scale: float = 4.0, extra_tokens: dict[str, int] | None = None,
+                    then: dict[str, str] | None = None) -> Path:
     import gguf
 
     path = Path(path)
-    tokens, types, scores = vocabulary(bpe)
+    tokens, types, scores = vocabulary(bpe, extra_tokens)
     n_vocab = len(tokens)
     heads = 4
     ff = 128
@@ -73,7 +83,7 @@ def write_tiny_gguf(path: str | Path, *, bpe: bool = False, chat_template: str |
     emb = rng.standard_normal((n_vocab, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out = np.zeros((n_vocab, dim), dtype=np.float32)
-    for src, dst in successors(tokens).items():
+    for src, dst in successors(tokens, then).items():
         out[dst] += emb[src]
     out *= logit_scale  # 4.0 keeps greedy margins wide; a small scale makes sampling really random
 

@@ -37,6 +37,8 @@ class GenParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; N >= 0: the chosen token plus N alternatives
     grammar: str | None = None
+    grammar_trigger: str | None = None  # the grammar applies only once the output has this text (lazy)
+    shown_tokens: tuple[str, ...] = ()  # special tokens written out as text (a tool format's markers)
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
     typical_p: float = 1.0

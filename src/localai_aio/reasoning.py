@@ -30,7 +30,7 @@ def markers_for(option: Any) -> Markers | None:
     return Markers(str(option.get("start") or START), str(option.get("end") or END))
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """How many characters at the end of ``text`` could be the start of ``marker``."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
@@ -70,7 +70,7 @@ class ReasoningSplitter:
                 self._skip_newlines()
                 at = self.held.find(self.markers.end)
                 if at < 0:
-                    keep = _partial_suffix(self.held, self.markers.end)
+                    keep = partial_suffix(self.held, self.markers.end)
                     reasoning += self.held[:len(self.held) - keep]
                     self.held = self.held[len(self.held) - keep:]
                     return reasoning, content

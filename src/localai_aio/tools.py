@@ -1,46 +1,50 @@
-"""Function calling and structured output: request fields -> a grammar, model text -> tool calls.
+"""Function calling and structured output: request fields -> a validated plan and its grammar.
 
 The output is constrained with a llama.cpp GBNF grammar built from JSON schemas, so a call the model
-is required to make always parses and matches the tool's parameters:
-- a tool call is the JSON object ``{"name": <tool>, "arguments": <its parameters>}`` (an array of them
-  when parallel calls are allowed);
-- ``tool_choice: "auto"`` uses a grammar with two branches: free text that does not start with ``{``
-  or ``[``, or a call; the first character the model writes decides which one it is;
+makes always parses and matches the tool's parameters:
+- tool calls are written in the model's own format (``tool_formats``: Hermes/Qwen, Mistral, Llama 3.x,
+  or the generic JSON answer); the grammar for that format is built once the chat template is known;
+- ``tool_choice: "auto"`` lets the model answer in text until it starts a call; ``"required"`` or a
+  named function constrains the answer from its first token;
 - ``response_format`` ``json_object`` / ``json_schema`` and LocalAI's ``grammar`` /
   ``grammar_json_functions`` constrain the whole answer.
-Tool JSON never reaches ``content``: in call mode the text is parsed into ``tool_calls``.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
+from localai_aio.tool_formats import GENERIC, ToolFormat
 
 MAX_TOOLS = 128
-FREE_TEXT_GBNF = r'''
-text ::= [^{[ \t\n] [^\x00]*
-'''
 
 
 @dataclass(frozen=True)
 class ToolPlan:
     """What a chat request asks for, after validation."""
 
-    grammar: str | None = None
+    grammar: str | None = None  # response_format / grammar fields: the whole answer's constraint
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool definitions offered to the model (for the prompt)
     calls_expected: bool = False  # the output may (auto) or must (required) be parsed into tool calls
     required: bool = False
     legacy: bool = False  # `functions` / `function_call`: answer with `function_call`
     names: frozenset[str] = field(default_factory=frozenset)
+    callable_json: str | None = None  # the functions a call may name, as JSON (their grammar's cache key)
+    parallel: bool = False
+    constrain: bool = True  # the model YAML may turn the tools grammar off (`function.grammar`)
 
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+    def constraint(self, fmt: ToolFormat) -> tuple[str | None, str | None]:
+        """The grammar for this request in the model's tool format, and the text that triggers it."""
+        if self.callable_json is None:
+            return self.grammar, None
+        if not self.constrain:
+            return None, None
+        return fmt.grammar(call_rules(self.callable_json, fmt.key), parallel=self.parallel, required=self.required)
 
 
 def check_schema(schema: Any, param: str) -> None:
@@ -68,6 +72,17 @@ def schema_to_gbnf(schema: Mapping[str, Any], param: str) -> str:
         raise InvalidRequest(f"Cannot turn the JSON schema in '{param}' into a grammar: {exc}", param=param) from None
 
 
+@lru_cache(maxsize=64)
+def call_rules(functions_json: str, key: str, param: str = "tools") -> str:
+    """GBNF for one call object of the given functions, its start rule named ``tool-call`` (cached:
+    an agent offers the same tools on every turn)."""
+    functions = json.loads(functions_json)
+    one = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+            "required": ["name", key]} for f in functions]
+    schema = one[0] if len(one) == 1 else {"anyOf": one}
+    return schema_to_gbnf(schema, param).replace("root ::=", "tool-call ::=", 1)
+
+
 def _function_of(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
         raise InvalidRequest(f"Invalid value for '{where}': only tools of type 'function' are supported",
@@ -78,21 +93,6 @@ def _function_of(tool: Any, where: str) -> dict[str, Any]:
     params = fn.get("parameters", {"type": "object", "properties": {}})
     check_schema(params, f"{where}.parameters")
     return {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
-
-
-def _call_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-    one = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-            "required": ["name", "arguments"]} for f in functions]
-    call = one[0] if len(one) == 1 else {"anyOf": one}
-    if not parallel:
-        return call
-    return {"anyOf": [call, {"type": "array", "items": call, "minItems": 1}]}
-
-
-def _mixed(call_gbnf: str) -> str:
-    """``root ::= call | text``: the call grammar's rules renamed under ``call``, plus free text."""
-    renamed = call_gbnf.replace("root ::=", "call ::=", 1)
-    return f"root ::= call | text\n{renamed}\n{FREE_TEXT_GBNF}"
 
 
 def plan_tools(body: Mapping[str, Any], function_cfg: Mapping[str, Any]) -> ToolPlan:
@@ -119,12 +119,11 @@ def plan_tools(body: Mapping[str, Any], function_cfg: Mapping[str, Any]) -> Tool
             parallel = bool(body.get("parallel_tool_calls", grammar_cfg.get("parallel_calls", True))) \
                 and not legacy and chosen is None
             required = mode == "required"
-            call: str | None = None
-            if not grammar_cfg.get("disable"):
-                call = schema_to_gbnf(_call_schema(selected, parallel), where)
-                if not required:
-                    call = _mixed(call) if grammar_cfg.get("mixed_mode", True) else None
-            return ToolPlan(call, offered, True, required, legacy, frozenset(names))
+            callable_json = json.dumps(selected, sort_keys=True)
+            call_rules(callable_json, GENERIC.key, where)  # a schema that cannot be a grammar fails the request now
+            constrain = not grammar_cfg.get("disable") and (required or grammar_cfg.get("mixed_mode", True))
+            return ToolPlan(None, offered, True, required, legacy, frozenset(names), callable_json, parallel,
+                            bool(constrain))
     elif choice not in (None, "none", "auto"):
         raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
 
@@ -178,31 +177,7 @@ def _response_format_grammar(fmt: Mapping[str, Any]) -> str:
                          "json_schema)", param="response_format.type")
 
 
-# -- model text -> tool calls -------------------------------------------------------------------------------
-
-def looks_like_call(text: str) -> bool:
-    stripped = text.lstrip()
-    return stripped[:1] in ("{", "[")
-
-
-def parse_calls(text: str, names: frozenset[str] | None = None) -> list[dict[str, Any]] | None:
-    """OpenAI ``tool_calls`` from a model's JSON answer, or None when it is not a call."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        if names and item["name"] not in names:
-            return None
-        arguments = item.get("arguments", item.get("parameters", {}))
-        calls.append({"id": new_call_id(), "type": "function",
-                      "function": {"name": item["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    return calls or None
-
+# -- prompts for templates that do not render tools -------------------------------------------------------
 
 def tool_prompt(tools: tuple[dict[str, Any], ...], required: bool) -> str:
     """Instructions for templates that do not render ``tools`` themselves."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +17,8 @@ from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, par
 from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.reasoning import ReasoningSplitter, markers_for
-from localai_aio.tools import ToolPlan, looks_like_call, parse_calls, plan_tools, tool_prompt
+from localai_aio.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
+from localai_aio.tools import ToolPlan, plan_tools, tool_prompt
 
 routes = web.RouteTableDef()
 MAX_TOP_LOGPROBS = 20
@@ -25,7 +26,8 @@ ARGUMENT_FRAGMENT = 24  # characters of a streamed tool call's arguments per del
 
 
 class ChatFormat:
-    """Shapes chat answers; with tools, decides per choice whether the model wrote text or a call."""
+    """Shapes chat answers; with tools, splits each choice's text into content and calls in the model's
+    tool format (read from the job once its prompt is built)."""
 
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
@@ -33,9 +35,12 @@ class ChatFormat:
     def __init__(self, plan: ToolPlan | None = None, job: TextJob | None = None):
         self.plan = plan or ToolPlan()
         self.job = job
-        self._mode: dict[int, str] = {}  # choice index -> "undecided" | "text" | "call"
-        self._held: dict[int, str] = {}
+        self._calls: dict[int, CallSplitter] = {}
         self._thinking: dict[int, ReasoningSplitter] = {}
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return self.job.tool_format if self.job is not None else GENERIC
 
     def splitter(self, index: int) -> ReasoningSplitter | None:
         """Reasoning is split off before anything else looks at the text (read once the prompt exists)."""
@@ -44,6 +49,11 @@ class ChatFormat:
         if index not in self._thinking:
             self._thinking[index] = ReasoningSplitter(self.job.reasoning, inside=self.job.opens_reasoning)
         return self._thinking[index]
+
+    def _call_splitter(self, index: int) -> CallSplitter:
+        if index not in self._calls:
+            self._calls[index] = CallSplitter(self.tool_format)
+        return self._calls[index]
 
     def _reasoning_chunk(self, index: int, text: str) -> dict:
         return {"index": index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
@@ -55,10 +65,11 @@ class ChatFormat:
         return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
                              "top_logprobs": e.top_logprobs} for e in entries]}
 
-    def _calls(self, text: str) -> list[dict[str, Any]] | None:
-        if not self.plan.calls_expected or not looks_like_call(text):
+    def _parsed(self, calls_text: str | None, finish_reason: str) -> list[dict[str, Any]] | None:
+        """The calls in a finished choice; none from a call that max_tokens cut short."""
+        if calls_text is None or finish_reason == "length":
             return None
-        return parse_calls(text, self.plan.names or None)
+        return self.tool_format.parse(calls_text, self.plan.names)
 
     def choice(self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish_reason: str) -> dict:
         reasoning = ""
@@ -66,15 +77,21 @@ class ChatFormat:
         if splitter is not None:
             (thought, answer), (rest, tail) = splitter.feed(text), splitter.finish()
             reasoning, text = thought + rest, answer + tail
+        calls_text = None
+        if self.plan.calls_expected:
+            calls = self._call_splitter(index)
+            text = calls.feed(text)
+            tail, calls_text = calls.finish()
+            text += tail
+        calls = self._parsed(calls_text, finish_reason)
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        calls = self._calls(text) if finish_reason != "length" else None
-        if calls is None and self.plan.calls_expected and looks_like_call(text):
-            message["content"] = None  # a call cut short by max_tokens: its JSON is not an answer
-        elif calls and self.plan.legacy:
-            message = {"role": "assistant", "content": None, "function_call": calls[0]["function"]}
+        if calls_text is not None:  # the call's markup is never an answer, parsed or not
+            message["content"] = text if text.strip() else None
+        if calls and self.plan.legacy:
+            message = {"role": "assistant", "content": message["content"], "function_call": calls[0]["function"]}
             finish_reason = "function_call"
         elif calls:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            message["tool_calls"] = calls
             finish_reason = "tool_calls"
         if reasoning:
             message["reasoning_content"] = reasoning
@@ -102,19 +119,8 @@ class ChatFormat:
     def _answer_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
         if not self.plan.calls_expected:
             return [self._content(index, text, logprobs)]
-        mode = self._mode.setdefault(index, "undecided")
-        if mode == "text":
-            return [self._content(index, text, logprobs)]
-        held = self._held.get(index, "") + text
-        self._held[index] = held
-        if mode == "undecided" and held.strip():
-            if looks_like_call(held):
-                self._mode[index] = "call"  # buffered: tool JSON never goes out as content
-            else:
-                self._mode[index] = "text"
-                self._held[index] = ""
-                return [self._content(index, held, logprobs)]
-        return []
+        content = self._call_splitter(index).feed(text)
+        return [self._content(index, content, logprobs)] if content else []
 
     def finish_chunks(self, index: int, finish_reason: str) -> list[dict]:
         out: list[dict] = []
@@ -126,15 +132,16 @@ class ChatFormat:
         return out + self._closing_chunks(index, finish_reason)
 
     def _closing_chunks(self, index: int, finish_reason: str) -> list[dict]:
-        held = self._held.pop(index, "")
-        mode = self._mode.pop(index, "text")
         out: list[dict] = []
-        calls = self._calls(held) if mode == "call" and finish_reason != "length" else None
-        if calls:
-            out += self._call_deltas(index, calls)
-            finish_reason = "function_call" if self.plan.legacy else "tool_calls"
-        elif held and mode != "call":
-            out.append(self._content(index, held, None))
+        splitter = self._calls.pop(index, None)
+        if splitter is not None:
+            content, calls_text = splitter.finish()
+            if content:
+                out.append(self._content(index, content, None))
+            calls = self._parsed(calls_text, finish_reason)
+            if calls:
+                out += self._call_deltas(index, calls)
+                finish_reason = "function_call" if self.plan.legacy else "tool_calls"
         out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
         return out
 
@@ -176,10 +183,14 @@ def sampling_defaults(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _messages_for_template(messages: list[dict[str, Any]], plan: ToolPlan, source: str) -> list[dict[str, Any]]:
-    """Templates that know nothing of tools still get to see them, and earlier calls, as plain text."""
+    """Templates that know nothing of tools still get to see them, and earlier calls, as plain text;
+    templates that do get earlier calls' arguments as they write them."""
     if not plan.tools or "tools" in source:
-        knows_calls = "tool_calls" in source
-        return [_with_call_text(m) if not knows_calls else m for m in messages]
+        if "tool_calls" not in source:
+            return [_with_call_text(m) for m in messages]
+        if object_arguments(source):
+            return [_with_call_objects(m) for m in messages]
+        return messages
     instructions = tool_prompt(plan.tools, plan.required)
     shaped = [_with_call_text(m) for m in messages]
     if shaped and shaped[0]["role"] == "system":
@@ -189,20 +200,30 @@ def _messages_for_template(messages: list[dict[str, Any]], plan: ToolPlan, sourc
     return shaped
 
 
+def _arguments(fn: dict[str, Any]) -> Any:
+    """A call's arguments as an object, when OpenAI's JSON string holds one."""
+    arguments = fn.get("arguments", "{}")
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return arguments
+
+
+def _with_call_objects(message: dict[str, Any]) -> dict[str, Any]:
+    if message.get("role") != "assistant" or not message.get("tool_calls"):
+        return message
+    calls = [{**call, "function": {**(call.get("function") or {}), "arguments": _arguments(call.get("function") or {})}}
+             for call in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
+
+
 def _with_call_text(message: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls") or ([{"function": message["function_call"]}]
                                           if isinstance(message.get("function_call"), dict) else None)
     if message.get("role") != "assistant" or not calls or message.get("content"):
         return message
-    rendered = []
-    for call in calls:
-        fn = call.get("function") or {}
-        arguments = fn.get("arguments", "{}")
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            pass
-        rendered.append({"name": fn.get("name"), "arguments": arguments})
+    rendered = [{"name": (call.get("function") or {}).get("name"), "arguments": _arguments(call.get("function") or {})}
+                for call in calls]
     text = json.dumps(rendered[0] if len(rendered) == 1 else rendered, ensure_ascii=False)
     return {**message, "content": text}
 
@@ -219,6 +240,11 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
     def build(engine: TextEngine) -> list[list[int]]:
         info = engine.info
         source = chat_template_source(cfg.template, info.chat_template, cfg.name)
+        if plan.tools:  # calls in the model's own format when its template renders the tools itself
+            job.tool_format = detect(source)
+            grammar, trigger = plan.constraint(job.tool_format)
+            markers = tuple(m for m in (job.tool_format.opener, job.tool_format.closer) if m)
+            job.params = replace(job.params, grammar=grammar, grammar_trigger=trigger, shown_tokens=markers)
         shaped = _messages_for_template(messages, plan, source)
         text = render_chat(source, shaped, bos_token=info.token_text(info.bos_id),
                            eos_token=info.token_text(info.eos_id),

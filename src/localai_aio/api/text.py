@@ -38,6 +38,7 @@ from localai_aio.reasoning import Markers
 from localai_aio.registry import EngineHandle
 from localai_aio.runtime import produced
 from localai_aio.sse import EventStream, ending
+from localai_aio.tool_formats import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,12 @@ class TextJob:
     prefix_texts: list[str] = field(default_factory=list)  # completions' echo: text before each prompt's choices
     reasoning: Markers | None = None  # chat: where reasoning text starts and ends (None: no splitting)
     opens_reasoning: bool = False  # set when the prompt is built: its generation prompt opens the reasoning
+    tool_format: ToolFormat = GENERIC  # chat with tools: set when the prompt is built, from the template
 
 
 def _prepare(engine: TextEngine, job: TextJob) -> list[list[int]]:
+    prompts = job.build_prompts(engine)  # first: a chat prompt decides the tool format, and so the grammar
     check_capabilities(engine, job.params, job.backend)
-    prompts = job.build_prompts(engine)
     for prompt in prompts:
         check_prompt_fits(engine, prompt)
     return prompts

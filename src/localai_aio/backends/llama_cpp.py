@@ -111,7 +111,7 @@ class _Seq:
     """One choice of one request, from the queue to its end."""
 
     __slots__ = ("stream", "index", "prompt", "params", "budget", "slot", "pending", "next_token", "sampler",
-                 "count", "cached", "row", "admitted")
+                 "count", "cached", "row", "admitted", "awaiting", "tail", "shown")
 
     def __init__(self, stream: TokenStream, index: int, prompt: list[int], params: GenParams, budget: int):
         self.stream = stream
@@ -127,6 +127,10 @@ class _Seq:
         self.cached = 0
         self.row = -1  # the batch row whose logits this choice samples after a decode
         self.admitted = 0.0
+        # a lazy grammar's trigger, until the output has it; the output's last bytes, to find it in
+        self.awaiting = params.grammar_trigger.encode("utf-8") if params.grammar_trigger else None
+        self.tail = b""
+        self.shown: dict[int, bytes] = {}  # special tokens this request writes out as text
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -217,6 +221,16 @@ class LlamaCppEngine:
             n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[: max(n, 0)]
         return piece
+
+    def _special_pieces(self, texts: Sequence[str]) -> dict[int, bytes]:
+        """The ids of special tokens that are these texts: markers a client never sees as text unless
+        they are written out (llama.cpp hides control tokens in output, like a tool call's opener)."""
+        pieces = {}
+        for text in texts:
+            ids = self.tokenize(text, add_bos=False, special=True)
+            if len(ids) == 1:
+                pieces[ids[0]] = text.encode("utf-8")
+        return pieces
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog or bool(self._ll.llama_vocab_is_eog(self._vocab, token))
@@ -355,7 +369,8 @@ class LlamaCppEngine:
         seq.pending = prompt[keep:]
         seq.cached = keep
         seq.admitted = time.monotonic()
-        seq.sampler = self._sampler_for(seq.params)
+        seq.sampler = self._sampler_for(seq.params, constrained=seq.awaiting is None)
+        seq.shown = self._special_pieces(seq.params.shown_tokens)
         self.stats["cached_tokens"] += keep
         self._active.append(seq)
 
@@ -423,16 +438,41 @@ class LlamaCppEngine:
                 continue
             seq.count += 1
             self.stats["generated_tokens"] += 1
-            seq.stream.push(seq.index, self._step_for(seq, token))
+            piece = seq.shown.get(token) or self.token_bytes(token)
+            seq.stream.push(seq.index, self._step_for(seq, token, piece))
+            if seq.awaiting is not None:
+                self._watch_trigger(seq, token, piece)
             if seq.count >= seq.budget:
                 self._end(seq, "length")
             else:
                 seq.next_token = token
 
-    def _step_for(self, seq: _Seq, token: int) -> TokenStep:
+    def _watch_trigger(self, seq: _Seq, token: int, piece: bytes) -> None:
+        """A lazy grammar starts once the output has its trigger (a tool call's opening marker): the
+        sampler is built again with the grammar, which holds the rest of the output from here on.
+
+        The trigger is looked for here, in Python, rather than by llama.cpp's own lazy grammar: its
+        patterns are run over the whole output on every token, and text after the trigger in the same
+        token that the grammar refuses would end the process. When such text follows the trigger, the
+        output stays free and the answer's parser judges it.
+        """
+        trigger = seq.awaiting
+        seq.tail = (seq.tail + piece)[-(len(trigger) + 16):]
+        at = seq.tail.find(trigger)
+        if at < 0:
+            return
+        seq.awaiting = None
+        if seq.tail[at + len(trigger):].strip():
+            return
+        history = seq.slot.tokens[len(seq.prompt):] + [token] if seq.slot is not None else [token]
+        if seq.sampler:
+            self._ll.llama_sampler_free(seq.sampler)
+        seq.sampler = self._sampler_for(seq.params, constrained=True, history=history)
+
+    def _step_for(self, seq: _Seq, token: int, piece: bytes) -> TokenStep:
         top_n = seq.params.logprobs
         if top_n is None:
-            return TokenStep(token, self.token_bytes(token))
+            return TokenStep(token, piece)
         logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
@@ -441,7 +481,7 @@ class LlamaCppEngine:
             best = np.argpartition(-logprobs, min(top_n, len(logprobs) - 1))[:top_n]
             best = best[np.argsort(-logprobs[best])]
             top = tuple((self.token_bytes(int(t)), float(logprobs[t])) for t in best)
-        return TokenStep(token, self.token_bytes(token), float(logprobs[token]), top)
+        return TokenStep(token, piece, float(logprobs[token]), top)
 
     def _end(self, seq: _Seq, reason: str) -> None:
         self._release(seq, keep_cache=True)  # first: once the client hears of the end, the slot is free
@@ -496,13 +536,16 @@ class LlamaCppEngine:
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def _sampler_for(self, params: GenParams) -> Any:
+    def _sampler_for(self, params: GenParams, *, constrained: bool = True, history: Sequence[int] = ()) -> Any:
         """A llama.cpp sampler chain in llama-cpp-python's order, or None for plain greedy decoding (the
-        arg-max of the logits, without building the candidate list of the whole vocabulary)."""
+        arg-max of the logits, without building the candidate list of the whole vocabulary). A lazy
+        grammar's chain is built without it (``constrained``) and again with it once triggered; the
+        penalties then get the tokens generated so far (``history``) to look back over."""
         ll = self._ll
         penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
         greedy = params.temperature <= 0
-        if greedy and not penalties and params.grammar is None and not params.logit_bias:
+        grammar_text = params.grammar if constrained else None
+        if greedy and not penalties and grammar_text is None and not params.logit_bias:
             return None
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if params.logit_bias:
@@ -511,10 +554,13 @@ class LlamaCppEngine:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if penalties:
             last_n = self.n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, self.n_ctx)
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
-        if params.grammar is not None:
-            grammar = ll.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            penalty = ll.llama_sampler_init_penalties(
+                self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+            for token in history:
+                ll.llama_sampler_accept(penalty, token)
+            ll.llama_sampler_chain_add(chain, penalty)
+        if grammar_text is not None:
+            grammar = ll.llama_sampler_init_grammar(self._vocab, grammar_text.encode("utf-8"), b"root")
             if not grammar:
                 ll.llama_sampler_free(chain)
                 raise BackendError("llama.cpp could not parse the grammar")
