@@ -61,12 +61,12 @@ def check_schema(schema: Any, param: str) -> None:
 
 def schema_to_gbnf(schema: Mapping[str, Any], param: str) -> str:
     try:
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
+        from localai_aio.json_grammar import schema_grammar
     except ImportError:
         raise NotImplementedForModel("Constrained output (tools, response_format, grammars) needs the llama-cpp "
                                      "engine: pip install 'localai-aio[llama]'", param=param) from None
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return schema_grammar(json.loads(json.dumps(schema)))  # a copy: the converter resolves refs in place
     except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
         # the converter asserts on schemas it does not know, such as an object of unknown keywords
         raise InvalidRequest(f"Cannot turn the JSON schema in '{param}' into a grammar: {exc}", param=param) from None

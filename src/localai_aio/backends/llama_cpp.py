@@ -111,7 +111,7 @@ class _Seq:
     """One choice of one request, from the queue to its end."""
 
     __slots__ = ("stream", "index", "prompt", "params", "budget", "slot", "pending", "next_token", "sampler",
-                 "count", "cached", "row", "admitted", "awaiting", "tail", "shown")
+                 "count", "cached", "row", "admitted", "awaiting", "tail", "shown", "partial")
 
     def __init__(self, stream: TokenStream, index: int, prompt: list[int], params: GenParams, budget: int):
         self.stream = stream
@@ -131,6 +131,23 @@ class _Seq:
         self.awaiting = params.grammar_trigger.encode("utf-8") if params.grammar_trigger else None
         self.tail = b""
         self.shown: dict[int, bytes] = {}  # special tokens this request writes out as text
+        self.partial = b""  # the output's last character while its UTF-8 bytes are incomplete
+
+
+# UTF-8: bytes no text holds, and the second bytes allowed after leads that restrict them (no overlong
+# forms, no surrogates, nothing past U+10FFFF).
+NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
+SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _incomplete_utf8(data: bytes) -> bytes:
+    """The bytes at the end of ``data`` that start a character not yet complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80 or byte >= 0xC0:  # ASCII or a lead byte: the last character starts here
+            size = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if byte >= 0xF0 else 1
+            return data[-back:] if back < size else b""
+    return b""
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -188,6 +205,7 @@ class LlamaCppEngine:
         self._eog = {t for t in (llama_cpp.llama_vocab_eos(self._vocab), self.info.eos_id)
                      if t is not None and t >= 0}
         self._pieces: dict[int, bytes] = {}
+        self._utf8_masks: tuple[np.ndarray, dict[int, np.ndarray]] | None = None  # see _keep_utf8
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(self.slots_total)]
         self._saved: list[_Saved] = []
@@ -432,6 +450,8 @@ class LlamaCppEngine:
                 logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
                 token = int(logits.argmax())
             else:
+                if seq.params.grammar is not None and seq.awaiting is None:
+                    self._keep_utf8(seq)
                 token = ll.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
             if self.is_eog(token) and not seq.params.ignore_eos:
                 self._end(seq, "stop")
@@ -439,6 +459,7 @@ class LlamaCppEngine:
             seq.count += 1
             self.stats["generated_tokens"] += 1
             piece = seq.shown.get(token) or self.token_bytes(token)
+            seq.partial = _incomplete_utf8(seq.partial + piece)
             seq.stream.push(seq.index, self._step_for(seq, token, piece))
             if seq.awaiting is not None:
                 self._watch_trigger(seq, token, piece)
@@ -535,6 +556,26 @@ class LlamaCppEngine:
         return True
 
     # -- sampling -----------------------------------------------------------------------------------------
+
+    def _keep_utf8(self, seq: _Seq) -> None:
+        """Take out of a grammar's choice the tokens that would make the output bytes that are not UTF-8.
+
+        llama.cpp's grammar reads a character's lead byte by its high bits alone, so it lets through
+        bytes no UTF-8 text holds (0xC0, 0xC1, 0xF5-0xFF) and overlong or surrogate sequences, which a
+        client decodes as U+FFFD: a string would change, and break its schema's length. Those tokens'
+        logits are set to -inf before the chain samples.
+        """
+        if self._utf8_masks is None:
+            first = np.array([(self.token_bytes(t) or b"\0")[0] for t in range(self.n_vocab)])
+            never = [t for t in range(self.n_vocab) if not NOT_UTF8.isdisjoint(self.token_bytes(t))]
+            after = {lead: np.flatnonzero((first >= 0x80) & (first <= 0xBF) & ((first < low) | (first > high)))
+                     for lead, (low, high) in SECOND_BYTE.items()}
+            self._utf8_masks = (np.array(never, dtype=np.int64), after)
+        never, after = self._utf8_masks
+        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
+        logits[never] = -np.inf
+        if len(seq.partial) == 1 and seq.partial[0] in after:
+            logits[after[seq.partial[0]]] = -np.inf
 
     def _sampler_for(self, params: GenParams, *, constrained: bool = True, history: Sequence[int] = ()) -> Any:
         """A llama.cpp sampler chain in llama-cpp-python's order, or None for plain greedy decoding (the

@@ -1,0 +1,87 @@
+"""Strict structured output always parses: hundreds of answers sampled at temperature 1 from a tiny
+model with near-uniform output, over schemas of every shape, each parsed by Python's (strict) JSON
+parser and validated against its schema. Random sampling reaches every character the grammar allows,
+so a grammar that let a raw control character into a string would fail here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from conftest import write_model_yaml
+from localai_aio.config import ServerSettings
+from localai_aio.tools import schema_to_gbnf
+from tiny_models import write_tiny_gguf
+
+pytestmark = pytest.mark.llama
+
+NAME = {"type": "string", "maxLength": 6}
+SCHEMAS = {
+    "flat": {"type": "object", "properties": {"name": NAME, "age": {"type": "integer"}},
+             "required": ["name", "age"], "additionalProperties": False},
+    "nested": {"type": "object", "properties": {
+        "person": {"type": "object", "properties": {"name": NAME, "tags": {"type": "array", "items": NAME,
+                                                                           "maxItems": 3}},
+                   "required": ["name", "tags"], "additionalProperties": False}},
+        "required": ["person"], "additionalProperties": False},
+    "enums-and-numbers": {"type": "object", "properties": {
+        "unit": {"enum": ["c", "f", "k"]}, "value": {"type": "number"}, "ok": {"type": "boolean"},
+        "note": {"type": ["string", "null"], "maxLength": 4}},
+        "required": ["unit", "value", "ok", "note"], "additionalProperties": False},
+    "optional": {"type": "object", "properties": {"a": NAME, "b": {"type": "integer"}, "c": {"const": "x"}},
+                 "required": ["c"], "additionalProperties": False},
+    "array": {"type": "array", "items": {"type": "object", "properties": {"k": NAME},
+                                         "required": ["k"], "additionalProperties": False}, "maxItems": 2},
+}
+ROUNDS = 11  # x 10 choices x 5 schemas = 550 answers
+
+
+@pytest.fixture
+async def flat_client(make_client, tmp_path: Path):  # noqa: ANN001
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_gguf(models / "flat.gguf", logit_scale=0.05)  # near-uniform: every allowed token gets sampled
+    write_model_yaml(models, "flat", backend="llama-cpp", context_size=4096, parameters={"model": "flat.gguf"})
+    return await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+
+
+def test_strings_exclude_control_characters() -> None:
+    grammar = schema_to_gbnf({"type": "object", "properties": {"s": {"type": "string"}}}, "response_format")
+    char = next(line for line in grammar.splitlines() if line.startswith("char ::= "))
+    assert char.startswith(r"char ::= [\x20-\x21\x23-\x5B\x5D-\x7E\x80-\uD7FF\uE000-\U0010FFFF] | ")
+
+
+async def test_sampled_strict_answers_all_parse_and_validate(flat_client) -> None:  # noqa: ANN001
+    checked = 0
+    for name, schema in SCHEMAS.items():
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        for seed in range(ROUNDS):
+            resp = await flat_client.post("/v1/chat/completions", json={
+                "model": "flat", "messages": [{"role": "user", "content": "Answer in JSON"}], "n": 10,
+                "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed, "max_tokens": 400,
+                "response_format": fmt})
+            body = await resp.json()
+            assert resp.status == 200, body
+            for choice in body["choices"]:
+                assert choice["finish_reason"] == "stop", choice  # every schema here has a bounded answer
+                value = json.loads(choice["message"]["content"])  # strict: no raw control characters
+                jsonschema.validate(value, schema)
+                checked += 1
+    assert checked == len(SCHEMAS) * ROUNDS * 10
+
+
+async def test_a_strict_answer_cut_short_says_length(flat_client) -> None:  # noqa: ANN001
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+              "additionalProperties": False}
+    resp = await flat_client.post("/v1/chat/completions", json={
+        "model": "flat", "messages": [{"role": "user", "content": "A long story in JSON"}], "temperature": 1.0,
+        "top_k": 0, "min_p": 0.0, "seed": 1, "max_tokens": 12,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": schema,
+                                                                   "strict": True}}})
+    [choice] = (await resp.json())["choices"]
+    assert choice["finish_reason"] == "length"
+    with pytest.raises(ValueError):
+        json.loads(choice["message"]["content"])  # cut: the client is told so, not handed it as complete
