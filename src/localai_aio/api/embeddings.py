@@ -1,8 +1,10 @@
 """POST /v1/embeddings (and /embeddings): vectors in input order, merged across concurrent requests.
 
-Documented behaviour for awkward input: an empty string, more than ``--embeddings-max-inputs`` inputs,
-or a token id outside the model's vocabulary get 400 naming the input; text longer than the model takes
-is truncated at its maximum length (``usage`` counts the tokens really used).
+Token ids are read in the model's own vocabulary, or in OpenAI's ``cl100k_base`` when the request names
+an OpenAI embedding model (``openai_tokens``). Documented behaviour for awkward input: an empty string,
+more than ``--embeddings-max-inputs`` inputs, or a token id outside the vocabulary get 400 naming the
+input; text longer than the model takes is truncated at its maximum length (``usage`` counts the tokens
+really used).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from localai_aio import keys
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.batching import MicroBatcher
 from localai_aio.errors import APIError, InvalidRequest
+from localai_aio.openai_tokens import cl100k_texts, means_cl100k
 from localai_aio.openapi import answers
 from localai_aio.runtime import run_blocking
 
@@ -49,6 +52,12 @@ def parse_inputs(value: Any, limit: int) -> list[Item]:
             raise InvalidRequest(f"Input {i} is empty; empty strings and token lists cannot be embedded",
                                  param="input")
     return items
+
+
+def _as_text(items: list[Item]) -> list[Item]:
+    """Token ids sent for an OpenAI embedding model, read as the cl100k_base text they encode."""
+    texts = iter(cl100k_texts([data for kind, data in items if kind == "tokens"]))
+    return [("text", next(texts)) if kind == "tokens" else (kind, data) for kind, data in items]
 
 
 def _embed_items(engine: Any, items: list[Item]) -> list[tuple[np.ndarray, int] | APIError]:
@@ -127,6 +136,8 @@ async def embeddings(request: web.Request) -> web.Response:
     dimensions = body.get("dimensions")
     if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
         raise InvalidRequest("Invalid value for 'dimensions': must be a positive integer", param="dimensions")
+    if means_cl100k(body.get("model")) and any(kind == "tokens" for kind, _ in items):
+        items = await run_blocking(request.app[keys.EXECUTOR], _as_text, items)
     results = await batcher_for(request, cfg.name).submit(items)
     for result in results:
         if isinstance(result, APIError):
