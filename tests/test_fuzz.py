@@ -58,6 +58,8 @@ def check_response(case, server) -> None:  # noqa: ANN001
         body = response.json()
         if case.path.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's error shape
             assert set(body) == {"type", "error"} and set(body["error"]) == {"type", "message"}, body
+        elif case.path.startswith(("/v1/text-to-speech", "/v1/voices")):  # and ElevenLabs' in its own
+            assert set(body) == {"detail"} and set(body["detail"]) == {"status", "message", "param"}, body
         else:
             assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
         assert "Traceback" not in response.text and "/tmp/" not in response.text

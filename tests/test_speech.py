@@ -137,7 +137,9 @@ async def test_elevenlabs_shape_and_resampling(tts) -> None:  # noqa: ANN001
     audio, sr = decode(await resp.read(), "mp3")
     assert sr == 44100 and resp.headers["Content-Type"] == "audio/mpeg"
     resp = await client.post("/v1/text-to-speech/alloy", params={"output_format": "ogg_1"}, json={"text": "Hi."})
-    assert resp.status == 400 and (await resp.json())["error"]["param"] == "output_format"
+    detail = (await resp.json())["detail"]  # ElevenLabs' error shape on its routes
+    assert resp.status == 400 and detail["param"] == "output_format" and detail["status"] == "invalid_request_error"
+    assert "ogg_1" in detail["message"]
 
 
 async def test_localai_tts_route(tts) -> None:  # noqa: ANN001

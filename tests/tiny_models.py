@@ -222,9 +222,12 @@ def export_tiny_bert(folder: str | Path) -> Path:
 STANDIN_SAMPLES_PER_PHONEME = 256
 
 
-def write_standin_piper(path: str | Path, *, speakers: tuple[str, ...] = (), rate: int = 22050) -> Path:
+def write_standin_piper(path: str | Path, *, speakers: tuple[str, ...] = (), rate: int = 22050,
+                        durations: bool = False) -> Path:
     """A graph with Piper's inputs and outputs (onnx.helper): a tone whose length is
-    ``phoneme ids x 256 x length_scale`` samples and whose pitch depends on the speaker."""
+    ``phoneme ids x 256 x length_scale`` samples and whose pitch depends on the speaker. ``durations``:
+    it also computes each phoneme id's length in frames of 256 samples with a ``Ceil`` node, as VITS
+    voices do internally (``w_ceil``), for the server to expose."""
     import json
 
     import onnx
@@ -254,6 +257,13 @@ def write_standin_piper(path: str | Path, *, speakers: tuple[str, ...] = (), rat
                   helper.make_node("Add", ["extra", "freq"], ["pitch"])]
     else:
         nodes.append(helper.make_node("Identity", ["freq"], ["pitch"]))
+    if durations:
+        nodes += [helper.make_node("Cast", ["input"], ["ids_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["ids_f", "zero_f"], ["zeros"]),
+                  helper.make_node("Add", ["zeros", "length_scale"], ["w"]),
+                  helper.make_node("Ceil", ["w"], ["w_ceil_flat"]),
+                  helper.make_node("Unsqueeze", ["w_ceil_flat", "axis1"], ["w_ceil"])]
+        const["axis1"] = np.array([1], np.int64)
     nodes += [helper.make_node("Mul", ["t", "pitch"], ["phase"]),
               helper.make_node("Sin", ["phase"], ["wave"]),
               helper.make_node("Mul", ["wave", "amp"], ["audio"]),

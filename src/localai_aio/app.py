@@ -18,6 +18,7 @@ from localai_aio.api import (
     assistants,
     chat,
     completions,
+    elevenlabs,
     embeddings,
     files,
     health,
@@ -41,8 +42,8 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, speech, transcription,
-               images, assistants, files)
+API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, speech, elevenlabs,
+               transcription, images, assistants, files)
 
 
 def _check_config_dir(path: Path) -> None:

@@ -2,11 +2,12 @@
 
 ``StreamEncoder.feed()`` returns the bytes ready to send after each chunk (a sentence), so speech can go
 out while the rest is still being synthesized. PCM and WAV are written directly (a streamed WAV header
-cannot know the final length, so its size fields say "unknown", as streaming servers do); Ogg/Opus and
-MP3 come from libsndfile (soundfile) writing into a growing buffer. MP3 is constant-bitrate, because
-the VBR header LAME patches at the end cannot be patched once sent, and decoders that estimate length
-from the first frame would cut a VBR stream short. FLAC is sent whole at the end: its header carries
-the total length, which only exists then.
+cannot know the final length, so its size fields say "unknown", as streaming servers do); Ogg/Opus
+comes from libsndfile (soundfile) writing into a growing buffer; MP3, AAC and G.711 (u-law, a-law) from
+FFmpeg through PyAV. MP3 is constant-bitrate at the bitrate asked for (ElevenLabs' ``mp3_44100_128``),
+without a Xing/LAME header: that header is patched at the end, which a stream cannot do once sent, and
+decoders that trust an unpatched one cut the stream short. FLAC is sent whole at the end: its header
+carries the total length, which only exists then.
 
 Audio in: an upload's length is checked from its header, then it is decoded block by block as it is
 read (``AudioSource``), because a few MB of compressed audio can expand to gigabytes of samples.
@@ -18,7 +19,7 @@ import contextlib
 import io
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,18 +36,27 @@ class AudioFormat:
     options: tuple[tuple[str, object], ...] = ()
     av_format: str | None = None  # written by FFmpeg through PyAV (a muxer that streams, and its codec)
     av_codec: str | None = None
+    bit_rate: int | None = None  # bits per second, for codecs that take one
+    fixed_rate: int | None = None  # the only sample rate the format has (telephony's 8 kHz)
+
+    def with_bit_rate(self, bits_per_second: int) -> AudioFormat:
+        return replace(self, bit_rate=bits_per_second)
 
 
 FORMATS = {
     "wav": AudioFormat("wav", "audio/wav"),
     "pcm": AudioFormat("pcm", "audio/pcm"),
     "flac": AudioFormat("flac", "audio/flac", "FLAC", "PCM_16", streamed=False),
-    "mp3": AudioFormat("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III",
-                       options=(("bitrate_mode", "CONSTANT"), ("compression_level", 0.3))),
+    "mp3": AudioFormat("mp3", "audio/mpeg", av_format="mp3", av_codec="libmp3lame", bit_rate=128_000),
     "opus": AudioFormat("opus", "audio/ogg", "OGG", "OPUS"),
     # AAC in ADTS frames: each frame carries its own header, so the stream plays as it arrives
     "aac": AudioFormat("aac", "audio/aac", av_format="adts", av_codec="aac"),
+    # raw G.711 bytes, no header (ElevenLabs' ulaw_8000 / alaw_8000, for telephony)
+    "ulaw": AudioFormat("ulaw", "audio/basic", av_format="mulaw", av_codec="pcm_mulaw", fixed_rate=8000),
+    "alaw": AudioFormat("alaw", "audio/x-alaw-basic", av_format="alaw", av_codec="pcm_alaw", fixed_rate=8000),
 }
+#: Formats that OpenAI's ``response_format`` names; the rest are for ElevenLabs' ``output_format``.
+OPENAI_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 
 
 def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -124,8 +134,11 @@ class _AvWriter:
 
         self._av = av
         self._sink = _GrowingBuffer()
-        self._container = av.open(self._sink, mode="w", format=fmt.av_format)
+        options = {"write_xing": "0", "id3v2_version": "0"} if fmt.av_format == "mp3" else {}
+        self._container = av.open(self._sink, mode="w", format=fmt.av_format, options=options)
         self._stream = self._container.add_stream(fmt.av_codec, rate=rate, layout="mono")
+        if fmt.bit_rate:
+            self._stream.bit_rate = fmt.bit_rate
         self._convert = av.AudioResampler(format=self._stream.codec_context.codec.audio_formats[0].name,
                                           layout="mono", rate=rate)
         self.rate = rate
@@ -157,7 +170,7 @@ class StreamEncoder:
     def __init__(self, fmt: AudioFormat, rate: int, out_rate: int | None = None):
         self.fmt = fmt
         self.in_rate = rate
-        self.rate = out_rate or rate
+        self.rate = fmt.fixed_rate or out_rate or rate
         if fmt.name == "opus" and self.rate not in OPUS_RATES:
             self.rate = min(OPUS_RATES, key=lambda r: (r < self.rate, abs(r - self.rate)))
         self._started = False

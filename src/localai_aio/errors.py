@@ -3,7 +3,8 @@
 Handlers and backends raise these; nothing else builds error bodies, so every route answers
 ``{"error": {"message", "type", "param", "code"}}`` with the right status. Anthropic's Messages API
 routes (``/v1/messages...``) answer Anthropic's ``{"type": "error", "error": {"type", "message"}}``
-instead, since its clients read only that.
+and ElevenLabs' routes (``/v1/text-to-speech...``, ``/v1/voices``) its ``{"detail": {"status",
+"message"}}`` instead, since their clients read only that.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from localai_aio import keys
 
 log = logging.getLogger(__name__)
 
-#: Routes whose errors are in Anthropic's shape: the path itself or anything below it.
-ANTHROPIC_PATH = "/v1/messages"
+#: Routes whose errors are in another API's shape, by that API: the path itself or anything below it.
+DIALECTS = {"/v1/messages": "anthropic", "/v1/text-to-speech": "elevenlabs", "/v1/voices": "elevenlabs"}
 #: Anthropic's error type by HTTP status; other statuses are api_error (5xx) or invalid_request_error.
 ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -47,9 +48,14 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def anthropic_body(self) -> dict[str, Any]:
-        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+    def body_for(self, dialect: str) -> dict[str, Any]:
+        """The error body in the shape of the API the route belongs to."""
+        if dialect == "anthropic":
+            kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if dialect == "elevenlabs":
+            return {"detail": {"status": self.code or self.type, "message": self.message, "param": self.param}}
+        return self.body()
 
 
 class InvalidRequest(APIError):
@@ -131,15 +137,19 @@ def failure(exc: BaseException, what: str, request_id: str | None) -> APIError:
     return InternalError("Generation failed")
 
 
-def speaks_anthropic(request: web.Request) -> bool:
-    return request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/")
+def dialect_of(request: web.Request) -> str:
+    """Whose error shape the route speaks: "openai", or another API's (``DIALECTS``)."""
+    for path, dialect in DIALECTS.items():
+        if request.path == path or request.path.startswith(path + "/"):
+            return dialect
+    return "openai"
 
 
-def error_response(err: APIError, request_id: str | None = None, *, anthropic: bool = False) -> web.Response:
+def error_response(err: APIError, request_id: str | None = None, *, dialect: str = "openai") -> web.Response:
     headers = dict(err.headers)
     if request_id:
         headers["X-Request-ID"] = request_id
-    return web.json_response(err.anthropic_body() if anthropic else err.body(), status=err.status, headers=headers)
+    return web.json_response(err.body_for(dialect), status=err.status, headers=headers)
 
 
 _HTTP_ERRORS: dict[int, type[APIError]] = {
@@ -177,18 +187,18 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> APIErr
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as an OpenAI error (an Anthropic one on its routes); log unexpected ones
-    with the request id, never leak them."""
-    anthropic = speaks_anthropic(request)
+    """Render every failure as an OpenAI error (Anthropic's or ElevenLabs' on their routes); log
+    unexpected ones with the request id, never leak them."""
+    dialect = dialect_of(request)
     try:
         return await handler(request)
     except APIError as err:
-        return error_response(err, request.get(keys.REQUEST_ID), anthropic=anthropic)
+        return error_response(err, request.get(keys.REQUEST_ID), dialect=dialect)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), anthropic=anthropic)
+        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), dialect=dialect)
     except Exception:
         rid = request.get(keys.REQUEST_ID)
         log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)
-        return error_response(InternalError(f"Internal server error (request id {rid})"), rid, anthropic=anthropic)
+        return error_response(InternalError(f"Internal server error (request id {rid})"), rid, dialect=dialect)

@@ -41,6 +41,12 @@ _USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"],
           "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                          "total_tokens": {"type": "integer"}}}
 
+_ALIGNMENT = {"type": "object", "required": ["characters", "character_start_times_seconds",
+                                            "character_end_times_seconds"],
+              "properties": {"characters": {"type": "array", "items": {"type": "string"}},
+                             "character_start_times_seconds": {"type": "array", "items": {"type": "number"}},
+                             "character_end_times_seconds": {"type": "array", "items": {"type": "number"}}}}
+
 COMPONENTS: dict[str, Any] = {
     "securitySchemes": {"BearerAuth": {"type": "http", "scheme": "bearer"}},
     "schemas": {
@@ -139,6 +145,16 @@ COMPONENTS: dict[str, Any] = {
                                          "cache_read_input_tokens": {"type": "integer"}}}}},
         "AnthropicTokenCount": {"type": "object", "required": ["input_tokens"],
                                 "properties": {"input_tokens": {"type": "integer"}}},
+        "AudioWithTimestamps": {"type": "object", "required": ["audio_base64", "alignment"], "properties": {
+            "audio_base64": {"type": "string"}, "alignment": _ALIGNMENT, "normalized_alignment": _ALIGNMENT}},
+        "VoiceList": {"type": "object", "required": ["voices"], "properties": {"voices": {"type": "array", "items": {
+            "type": "object", "required": ["voice_id", "name"],
+            "properties": {"voice_id": {"type": "string"}, "name": {"type": "string"},
+                           "category": {"type": "string"}, "labels": {"type": "object"}}}}}},
+        "ElevenLabsError": {"type": "object", "required": ["detail"], "properties": {"detail": {
+            "type": "object", "required": ["status", "message"],
+            "properties": {"status": {"type": "string"}, "message": {"type": "string"},
+                           "param": {"type": "string", "nullable": True}}}}},
         "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
             "type": {"type": "string", "enum": ["error"]},
             "error": {"type": "object", "required": ["type", "message"],

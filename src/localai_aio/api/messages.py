@@ -248,7 +248,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Prepared | TurnEve
     except (Exception, asyncio.CancelledError) as exc:
         error = ending(sse, exc, "a message stream")
         if error is not None:
-            await sse.send(error.anthropic_body(), "error")
+            await sse.send(error.body_for("anthropic"), "error")
         return await sse.close() if error is not None else sse.response
 
 

@@ -1,4 +1,5 @@
-"""Text to speech: OpenAI's POST /v1/audio/speech, ElevenLabs' POST /v1/text-to-speech/{voice-id}, LocalAI's /tts.
+"""Text to speech: OpenAI's POST /v1/audio/speech and LocalAI's /tts, and the speaking that ElevenLabs'
+routes (``api.elevenlabs``) share with them.
 
 Audio is streamed as it is made, one sentence at a time (chunked transfer): the first sentence plays
 while the rest is synthesized. A client that leaves stops the synthesis at the next sentence.
@@ -10,20 +11,22 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from localai_aio import keys
 from localai_aio.api.common import json_route, registry, resolve_model
-from localai_aio.audio import FORMATS, AudioFormat, StreamEncoder
+from localai_aio.audio import FORMATS, OPENAI_FORMATS, AudioFormat, StreamEncoder
 from localai_aio.config import ModelConfig
-from localai_aio.errors import InvalidRequest
+from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.openapi import answers
 from localai_aio.runtime import produced
+from localai_aio.speech_timing import character_times, sentences
 from localai_aio.sse import write_or_drop
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,9 @@ OPENAI_PCM_RATE = 24000
 routes = web.RouteTableDef()
 
 MAX_INPUT = 4096
-ELEVENLABS_FORMAT = re.compile(r"^(mp3|pcm|wav|opus|flac|aac)_(\d{4,6})(?:_(\d+))?$")
 
 
-def _text(body: dict[str, Any], key: str) -> str:
+def spoken_text(body: dict[str, Any], key: str) -> str:
     text = body.get(key)
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequest(f"'{key}' is required and must not be empty", param=key)
@@ -44,85 +46,132 @@ def _text(body: dict[str, Any], key: str) -> str:
     return text
 
 
-def _speed(body: dict[str, Any]) -> float:
+def speed_of(body: dict[str, Any]) -> float:
     speed = body.get("speed", 1.0)
     if isinstance(speed, bool) or not isinstance(speed, int | float) or math.isnan(speed) or not 0.25 <= speed <= 4.0:
         raise InvalidRequest("Invalid value for 'speed': must be a number from 0.25 to 4.0", param="speed")
     return float(speed)
 
 
-def _tts_model(request: web.Request, model: Any, voice: Any) -> tuple[ModelConfig, str | None]:
-    """The TTS model to use; a ``voice`` naming another configured voice model selects that model."""
+def tts_model(request: web.Request, model: Any, voice: Any) -> tuple[ModelConfig, str | None]:
+    """The TTS model to use; a ``voice`` naming another configured voice model selects that model, and
+    ``model:voice`` (ElevenLabs' voice ids) a voice of that model."""
     reg = registry(request)
-    if isinstance(voice, str) and voice and voice in set(reg.names()) | set(reg.aliases()):
+    known = set(reg.names()) | set(reg.aliases())
+    if isinstance(voice, str) and voice and voice in known:
         candidate = reg.config(voice)
         if "tts" in reg.usecases(candidate):
             return candidate, None
+    if isinstance(voice, str) and ":" in voice and voice.split(":", 1)[0] in known:
+        name, voice = voice.split(":", 1)
+        candidate = reg.config(name)
+        if "tts" in reg.usecases(candidate):
+            return candidate, voice
     cfg = resolve_model(request, model, "tts")
     return cfg, voice if isinstance(voice, str) and voice else None
 
 
-async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str | None, speed: float,
-                fmt: AudioFormat, rate: int | None) -> web.StreamResponse:
-    app = request.app
-    started = time.perf_counter()
-    sentences = 0
+@dataclass(frozen=True)
+class Utterance:
+    """What to say and how: a validated speech request."""
 
-    async def synthesize(put: Callable[[bytes | None], None]) -> None:
-        """Hold the voice only while synthesizing: ``put`` None once the voice is known, then the audio.
-        The audio waits for the client here, not in the engine (a text's audio is bounded by the input)."""
-        async with app[keys.REGISTRY].acquire(cfg.name) as handle:
+    cfg: ModelConfig
+    text: str
+    voice: str | None
+    speed: float
+    fmt: AudioFormat
+    rate: int | None  # the output's sample rate (None: the voice's own)
+
+
+def _audio_parts(engine: Any, speaker: int | None, job: Utterance, timed: bool) -> Callable[[Any], Iterator]:
+    """On the engine's thread: synthesis and encoding together, one sentence at a time. Each part is the
+    encoded bytes and, when ``timed``, when each of the sentence's characters is spoken."""
+    def parts(cancel):  # noqa: ANN001, ANN202
+        encoder = StreamEncoder(job.fmt, engine.sample_rate, job.rate)
+        if not timed:
+            for samples in engine.synthesize(job.text, speaker=speaker, speed=job.speed, cancel=cancel):
+                yield encoder.feed(samples), None
+            yield encoder.finish(), None
+            return
+        offset = 0.0
+        for sentence in sentences(job.text):  # one text span per part: its characters get its time
+            said = list(engine.synthesize_timed(sentence, speaker=speaker, speed=job.speed, cancel=cancel))
+            if cancel.is_set():
+                return
+            samples = np.concatenate([a for a, _ in said]) if said else np.zeros(0, np.float32)
+            phonemes = None if any(t is None for _, t in said) else [p for _, t in said for p in t]
+            seconds = len(samples) / engine.sample_rate
+            yield encoder.feed(samples), character_times(sentence, phonemes, seconds, offset)
+            offset += seconds
+        yield encoder.finish(), []
+    return parts
+
+
+@contextlib.asynccontextmanager
+async def spoken(app: web.Application, job: Utterance, *, timed: bool = False) -> AsyncIterator[AsyncIterator]:
+    """The speech's parts (bytes, character times) as they are made. The voice is checked before this
+    yields, so a bad voice is a plain 400 before any audio; the model is held only while synthesizing."""
+    started = time.perf_counter()
+
+    async def synthesize(put: Callable[[Any], None]) -> None:
+        async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
             engine = handle.engine
             from localai_aio.backends.piper_tts import UnknownVoice
 
             try:
-                speaker = engine.speaker_for(voice)
+                speaker = engine.speaker_for(job.voice)
             except UnknownVoice as exc:
                 raise InvalidRequest(str(exc), param="voice") from None
+            if timed and not hasattr(engine, "synthesize_timed"):
+                raise NotImplementedForModel(f"Model '{job.cfg.name}' cannot time its speech", param="model_id")
             put(None)
-
-            def encoded(cancel):  # noqa: ANN001, ANN202 - on the engine's thread: synthesis and encoding together
-                encoder = StreamEncoder(fmt, engine.sample_rate, rate)
-                for samples in engine.synthesize(text, speaker=speaker, speed=speed, cancel=cancel):
-                    yield encoder.feed(samples)
-                yield encoder.finish()
-
-            chunks = handle.iterate(encoded)
+            chunks = handle.iterate(_audio_parts(engine, speaker, job, timed))
             try:
-                async for data in chunks:
-                    put(data)
+                async for part in chunks:
+                    put(part)
             finally:
                 await chunks.aclose()
-                app[keys.METRICS].inference.labels(cfg.name, "speech").observe(time.perf_counter() - started)
+                app[keys.METRICS].inference.labels(job.cfg.name, "speech").observe(time.perf_counter() - started)
 
-    response = web.StreamResponse(headers={"Content-Type": fmt.content_type,
+    async with contextlib.aclosing(produced(synthesize)) as parts:
+        await anext(parts)
+        yield parts
+
+
+async def speak(request: web.Request, job: Utterance, *, shape: Callable[[bytes, Any], bytes] | None = None,
+                content_type: str | None = None) -> web.StreamResponse:
+    """Stream the speech: the audio itself, or each part as ``shape`` writes it (timed when given)."""
+    app = request.app
+    sentences_sent = 0
+    response = web.StreamResponse(headers={"Content-Type": content_type or job.fmt.content_type,
                                            "X-Request-ID": request.get(keys.REQUEST_ID, "")})
     response.enable_chunked_encoding()
     timeout = app[keys.SETTINGS].write_timeout
     try:
-        async with contextlib.aclosing(produced(synthesize)) as audio:
-            await anext(audio)  # a bad voice is a plain 400 before any audio
+        async with spoken(app, job, timed=shape is not None) as parts:
             await response.prepare(request)
-            async for data in audio:
-                sentences += 1
-                if data:
-                    await write_or_drop(request, response, data, timeout)
-            sentences -= 1  # the last item is the encoder's tail, not a sentence
+            async for data, times in parts:
+                sentences_sent += 1
+                out = shape(data, times) if shape is not None else data
+                if out:
+                    await write_or_drop(request, response, out, timeout)
+            sentences_sent -= 1  # the last part is the encoder's tail, not a sentence
             await response.write_eof()
     except (ConnectionResetError, OSError, asyncio.CancelledError) as exc:
-        log.info("client left during speech from %s after %d sentence(s); synthesis stopped", cfg.name, sentences)
+        log.info("client left during speech from %s after %d sentence(s); synthesis stopped", job.cfg.name,
+                 sentences_sent)
         if isinstance(exc, asyncio.CancelledError):
             raise
     except Exception:
         if not response.prepared:
             raise
         # The audio headers are out; an error body cannot follow. Cut the stream so the client sees it end.
-        log.exception("speech from %s failed after %d sentence(s) (request id %s)", cfg.name, sentences,
+        log.exception("speech from %s failed after %d sentence(s) (request id %s)", job.cfg.name, sentences_sent,
                       request.get(keys.REQUEST_ID))
         if request.transport is not None:
             request.transport.abort()
     finally:
-        app[keys.METRICS].tts_sentences.labels(cfg.name).inc(max(sentences, 0))
+        app[keys.METRICS].tts_sentences.labels(job.cfg.name).inc(max(sentences_sent, 0))
     return response
 
 
@@ -131,36 +180,15 @@ async def speak(request: web.Request, cfg: ModelConfig, *, text: str, voice: str
 @json_route("post", "/v1/audio/speech", "audio", use_case="tts", responses=answers(content_type="audio/*"))
 async def audio_speech(request: web.Request) -> web.StreamResponse:
     body = request["data"]
-    text = _text(body, "input")
-    speed = _speed(body)
+    text = spoken_text(body, "input")
+    speed = speed_of(body)
     name = body.get("response_format", "mp3")
-    if name not in FORMATS:
-        raise InvalidRequest(f"Invalid value for 'response_format': {name!r}; supported: {', '.join(FORMATS)}",
-                             param="response_format")
-    cfg, voice = _tts_model(request, body.get("model"), body.get("voice"))
-    return await speak(request, cfg, text=text, voice=voice, speed=speed, fmt=FORMATS[name],
-                       rate=OPENAI_PCM_RATE if name == "pcm" else None)
-
-
-@routes.post("/v1/text-to-speech/{voice_id}")
-@json_route("post", "/v1/text-to-speech/{voice-id}", "audio", use_case="tts",
-            responses=answers(content_type="audio/*"))
-async def elevenlabs_speech(request: web.Request) -> web.StreamResponse:
-    body = request["data"]
-    text = _text(body, "text" if "text" in body else "input")
-    output = request.query.get("output_format", "mp3_44100_128")
-    match = ELEVENLABS_FORMAT.match(output)
-    if not match or not 8000 <= int(match.group(2)) <= 48000:
-        raise InvalidRequest(f"Invalid value for 'output_format': {output!r} (e.g. mp3_44100_128, pcm_16000)",
-                             param="output_format")
-    settings = body.get("voice_settings") or {}
-    if not isinstance(settings, dict):
-        raise InvalidRequest("Invalid value for 'voice_settings': must be an object", param="voice_settings")
-    speed = _speed({"speed": settings.get("speed", 1.0)})
-    voice = request.match_info["voice_id"]
-    cfg, voice = _tts_model(request, body.get("model_id") or body.get("model"), voice)
-    return await speak(request, cfg, text=text, voice=voice, speed=speed, fmt=FORMATS[match.group(1)],
-                       rate=int(match.group(2)))
+    if name not in OPENAI_FORMATS:
+        raise InvalidRequest(f"Invalid value for 'response_format': {name!r}; supported: "
+                             f"{', '.join(OPENAI_FORMATS)}", param="response_format")
+    cfg, voice = tts_model(request, body.get("model"), body.get("voice"))
+    return await speak(request, Utterance(cfg, text, voice, speed, FORMATS[name],
+                                          OPENAI_PCM_RATE if name == "pcm" else None))
 
 
 @routes.post("/tts")
@@ -168,6 +196,6 @@ async def elevenlabs_speech(request: web.Request) -> web.StreamResponse:
             responses=answers(content_type="audio/wav"))
 async def localai_tts(request: web.Request) -> web.StreamResponse:
     body = request["data"]
-    cfg, voice = _tts_model(request, body.get("model"), body.get("voice"))
-    return await speak(request, cfg, text=_text(body, "input"), voice=voice, speed=_speed(body),
-                       fmt=FORMATS["wav"], rate=None)
+    cfg, voice = tts_model(request, body.get("model"), body.get("voice"))
+    job = Utterance(cfg, spoken_text(body, "input"), voice, speed_of(body), FORMATS["wav"], None)
+    return await speak(request, job)

@@ -24,7 +24,9 @@ def default_providers(available: list[str]) -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spinning: bool = False) -> Any:
+def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spinning: bool = False,
+                 model: bytes | None = None) -> Any:
+    """An ONNX Runtime session for ``path`` (or for ``model``, the file's graph changed in memory)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -50,7 +52,8 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spin
     spin = spinning if spin is None else bool(spin)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        session = ort.InferenceSession(model if model is not None else str(path), sess_options=options,
+                                       providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BackendError(f"ONNX Runtime could not load {path.name}: {scrub(exc, path)}") from None
     log.info("model %s: %s on %s (%d threads)", cfg.name, path.name, ", ".join(session.get_providers()), threads)

@@ -7,6 +7,10 @@ from the config like every other ONNX model. Speech is produced one sentence at 
 Voices: the model file is ``<voice>.onnx`` with ``<voice>.onnx.json`` beside it. A request's ``voice``
 may be a speaker name or number of a multi-speaker voice, a name from the YAML's ``voices`` mapping
 (``alloy: 0`` or ``alloy: some-speaker``), or the model's own name.
+
+Timing: a VITS voice decides how long each phoneme lasts (the ``w_ceil`` durations) but does not output
+it. With the ``onnx`` package present the graph is changed in memory at load to output it too, as
+piper's own ``include_alignments`` does, so speech can come with the time of each phoneme.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class PiperEngine:
         except (ValueError, KeyError, TypeError) as exc:
             raise BackendError(f"{config_path.name} is not a Piper voice config: {exc}") from None
         self.name = cfg.name
-        self.voice = PiperVoice(session=make_session(path, cfg, settings, spinning=True), config=config)
+        graph, self.timed = _with_durations(path)  # timed: phoneme durations come out of each run
+        self.voice = PiperVoice(session=make_session(path, cfg, settings, spinning=True, model=graph), config=config)
         self.sample_rate = int(config.sample_rate)
         self.speakers = {str(k): int(v) for k, v in (config.speaker_id_map or {}).items()}
         self.voices = {str(k): v for k, v in (cfg.option("voices") or {}).items()}
@@ -87,8 +92,39 @@ class PiperEngine:
                 return
             yield chunk.audio_float_array
 
+    def synthesize_timed(self, text: str, *, speaker: int | None, speed: float,
+                         cancel: CancelFlag) -> Iterator[tuple[np.ndarray, list[tuple[str, float]] | None]]:
+        """Like ``synthesize``, with each sentence's phonemes and how long each lasts in seconds (None
+        when the voice cannot tell)."""
+        from piper.config import SynthesisConfig
+
+        settings = SynthesisConfig(speaker_id=speaker, length_scale=self.voice.config.length_scale / speed)
+        for chunk in self.voice.synthesize(text.translate(_UNSPEAKABLE), settings, include_alignments=self.timed):
+            if cancel.is_set():
+                return
+            timing = None
+            if chunk.phoneme_alignments:
+                timing = [(a.phoneme, a.num_samples / self.sample_rate) for a in chunk.phoneme_alignments]
+            yield chunk.audio_float_array, timing
+
     def close(self) -> None:
         self.voice = None
+
+
+def _with_durations(path: Any) -> tuple[bytes | None, bool]:
+    """The voice's graph changed to output its phoneme durations (None: load the file as it is), and
+    whether the session will output them."""
+    try:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+    except ImportError:
+        return None, False
+    model = onnx.load(str(path))
+    try:
+        add_alignment_output(model)
+    except ValueError:  # no single Ceil node to read them from, or the file outputs them already
+        return None, len(model.graph.output) > 1
+    return model.SerializeToString(), True
 
 
 def load(cfg: ModelConfig, settings: ServerSettings) -> PiperEngine:
