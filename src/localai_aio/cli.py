@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure is one line on stderr and a non-zero exit, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from localai_aio.gallery.install import InstallError
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("localai-aio: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, InstallError) as exc:
+        print(f"localai-aio: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the one place that turns the unexpected into a line
+        print(f"localai-aio: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -19,7 +19,15 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_FILE = Path("conf/server.yaml")
+#: The package's own defaults (the gallery, the server settings); in a checkout, the repository's conf/.
+BUNDLED_CONF = Path(__file__).resolve().parent / "conf"
+
+
+def conf_file(name: str) -> Path:
+    """``conf/<name>`` in the working directory when it exists (an override), else the package's own, so
+    an installed package works from any directory."""
+    local = Path("conf") / name
+    return local if local.is_file() else BUNDLED_CONF / name
 
 
 class ConfigError(Exception):
@@ -229,8 +237,8 @@ class ServerSettings:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; flags left unset stay ``None`` so lower-precedence sources apply."""
     parser.add_argument("--config-file", metavar="FILE", default=None,
-                        help=f"Server config file (YAML). Default: {DEFAULT_CONFIG_FILE} when it exists; "
-                        "env LOCALAI_CONFIG_FILE.")
+                        help="Server config file (YAML). Default: conf/server.yaml when it exists, else the "
+                        "package's own; env LOCALAI_CONFIG_FILE.")
     for s in SETTINGS:
         env = f" Env: {' or '.join(s.env)}." if s.env else ""
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
@@ -261,8 +269,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, environ: Mapping[str, 
     environ = os.environ if environ is None else environ
     if config_file is None:
         config_file = flags.pop("config_file", None) or environ.get("LOCALAI_CONFIG_FILE")
-        if config_file is None and DEFAULT_CONFIG_FILE.is_file():
-            config_file = DEFAULT_CONFIG_FILE
+        if config_file is None and conf_file("server.yaml").is_file():
+            config_file = conf_file("server.yaml")
     flags.pop("config_file", None)
     from_file = _read_config_file(Path(config_file)) if config_file else {}
 

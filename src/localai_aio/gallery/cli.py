@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_GALLERY = Path("conf/gallery.yaml")
-
 
 def _models_path(args: argparse.Namespace) -> Path:
     from localai_aio.config import load_settings
@@ -17,9 +15,10 @@ def _models_path(args: argparse.Namespace) -> Path:
 
 
 def _gallery(args: argparse.Namespace):  # noqa: ANN202
+    from localai_aio.config import conf_file
     from localai_aio.gallery.install import load_gallery
 
-    return load_gallery(args.gallery or os.environ.get("LOCALAI_GALLERY") or DEFAULT_GALLERY)
+    return load_gallery(args.gallery or os.environ.get("LOCALAI_GALLERY") or conf_file("gallery.yaml"))
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -130,7 +129,8 @@ def add_models_command(sub: argparse._SubParsersAction) -> None:
                         help="Models directory (env LOCALAI_MODELS_PATH or MODELS_PATH; default: models).")
     common.add_argument("--config-file", metavar="FILE", default=None, help="Server config file (YAML).")
     common.add_argument("--gallery", metavar="FILE", default=None,
-                        help=f"Gallery file (env LOCALAI_GALLERY; default: {DEFAULT_GALLERY}).")
+                        help="Gallery file (env LOCALAI_GALLERY; default: conf/gallery.yaml when it exists, else "
+                        "the package's own).")
     actions = models.add_subparsers(dest="action")
     listing = actions.add_parser("list", parents=[common], help="Gallery entries and installed models.")
     listing.set_defaults(func=_list)
