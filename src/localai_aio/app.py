@@ -34,6 +34,7 @@ from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
 from localai_aio.errors import error_middleware
+from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
 from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
@@ -127,6 +128,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(live_reload_ctx)
     app.cleanup_ctx.append(responses.background_ctx)  # ends first: background responses still use the rest
     for module in API_MODULES:
         app.router.add_routes(module.routes)

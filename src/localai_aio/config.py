@@ -149,6 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("LOCALAI_IDLE_TIMEOUT",), "SECONDS"),
     Setting("preload_models", (), _csv, "Comma-separated models to load at start.",
             ("LOCALAI_PRELOAD_MODELS",), "A,B"),
+    Setting("watch_models", True, _bool,
+            "Serve new, changed and removed model YAMLs of the models directory as they appear, without a "
+            "restart (SIGHUP and POST /models/reload reload them too).", ("LOCALAI_WATCH_MODELS",), "BOOL"),
     Setting("queue_size", 16, _positive_int,
             "Requests that may wait for a busy model; more get 503 with Retry-After.",
             ("LOCALAI_QUEUE_SIZE",), "N"),
@@ -205,6 +208,7 @@ class ServerSettings:
     max_loaded_models: int = 0
     idle_timeout: float = 0.0
     preload_models: tuple[str, ...] = ()
+    watch_models: bool = True
     queue_size: int = 16
     embeddings_max_inputs: int = 2048
     batch_window_ms: float = 5.0

@@ -145,6 +145,9 @@ COMPONENTS: dict[str, Any] = {
                                          "cache_read_input_tokens": {"type": "integer"}}}}},
         "AnthropicTokenCount": {"type": "object", "required": ["input_tokens"],
                                 "properties": {"input_tokens": {"type": "integer"}}},
+        "Reloaded": {"type": "object", "required": ["added", "changed", "removed", "problems"], "properties": {
+            name: {"type": "array", "items": {"type": "string"}} for name in ("added", "changed", "removed",
+                                                                               "problems")}},
         "AudioWithTimestamps": {"type": "object", "required": ["audio_base64", "alignment"], "properties": {
             "audio_base64": {"type": "string"}, "alignment": _ALIGNMENT, "normalized_alignment": _ALIGNMENT}},
         "VoiceList": {"type": "object", "required": ["voices"], "properties": {"voices": {"type": "array", "items": {

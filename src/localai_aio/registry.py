@@ -17,6 +17,9 @@ Why it is shaped this way:
 - ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
   Preloaded models are pinned: neither unloads them, so readiness stays true; a failed preload is
   remembered with its reason for ``/readyz``.
+- ``reload`` takes new configs while serving: requests already inside ``acquire`` keep the slot (and
+  engine) they hold, new ones get the new config; a changed or removed model's old slot is unloaded
+  once its last request is done.
 """
 
 from __future__ import annotations
@@ -108,10 +111,20 @@ class _Slot:
     last_used: float = 0.0
     loading: asyncio.Future[None] | None = None
     load_error: str | None = None  # why the last load failed, until one succeeds
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever its last request leaves
 
     @property
     def loaded(self) -> bool:
         return bool(self.instances)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload changed, by model name."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 class ModelRegistry:
@@ -120,20 +133,53 @@ class ModelRegistry:
         self.settings = settings
         self._backends = dict(backends)
         self._metrics = metrics
-        self._slots: dict[str, _Slot] = {}
-        for name, cfg in configs.items():
-            shared = self.backend_name(cfg) in CONCURRENT_BACKENDS
-            self._slots[name] = _Slot(cfg, cfg.parallel or (settings.parallel if shared else 1), shared)
-        for name in settings.preload_models:  # create_app refuses unknown names before this
+        self._slots: dict[str, _Slot] = {name: self._new_slot(cfg) for name, cfg in configs.items()}
+        self._aliases: dict[str, str] = {}
+        self._index()
+        self._evict_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _new_slot(self, cfg: ModelConfig) -> _Slot:
+        shared = self.backend_name(cfg) in CONCURRENT_BACKENDS
+        return _Slot(cfg, cfg.parallel or (self.settings.parallel if shared else 1), shared)
+
+    def _index(self) -> None:
+        """Aliases and preload pins, from the slots."""
+        self._aliases = {}
+        for name, slot in self._slots.items():
+            for alias in slot.cfg.aliases:
+                if alias not in self._slots:
+                    self._aliases.setdefault(alias, name)
+        for name in self.settings.preload_models:  # create_app refuses unknown names at start
             slot = self._slots.get(name) or self._slots.get(self._aliases.get(name, ""))
             if slot is not None:
                 slot.pinned = True
-        self._aliases: dict[str, str] = {}
-        for name, cfg in configs.items():
-            for alias in cfg.aliases:
-                if alias not in self._slots:
-                    self._aliases.setdefault(alias, name)
-        self._evict_lock = asyncio.Lock()
+
+    def reload(self, configs: Mapping[str, ModelConfig]) -> Reloaded:
+        """Serve ``configs`` from now on. Unchanged models keep their loaded engines; a changed or removed
+        model's old slot serves the requests that hold it and is unloaded once they are done."""
+        added = [name for name in configs if name not in self._slots]
+        changed = [name for name in configs if name in self._slots and self._slots[name].cfg != configs[name]]
+        removed = [name for name in self._slots if name not in configs]
+        for name in changed + removed:
+            self._retire(self._slots.pop(name))
+        for name in added + changed:
+            self._slots[name] = self._new_slot(configs[name])
+        self._index()
+        return Reloaded(tuple(added), tuple(changed), tuple(removed))
+
+    def _retire(self, slot: _Slot) -> None:
+        async def when_idle() -> None:
+            if slot.loading is not None:
+                await asyncio.wait([slot.loading])
+            while slot.users:
+                slot.idle.clear()
+                await slot.idle.wait()
+            await self._unload(slot, reason="its config changed or was removed")
+
+        task = asyncio.ensure_future(when_idle())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # -- lookup -------------------------------------------------------------------------------------------
 
@@ -223,6 +269,8 @@ class ModelRegistry:
         finally:
             slot.users -= 1
             slot.last_used = time.monotonic()
+            if not slot.users:
+                slot.idle.set()
             if engine is not None and engine in slot.instances:
                 slot.free.put_nowait(engine)
 
@@ -359,5 +407,7 @@ class ModelRegistry:
                 log.exception("idle unload failed")
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            await task
         for slot in self._slots.values():
             await self._unload(slot, reason="shutdown")

@@ -1,4 +1,5 @@
-"""GET /v1/models (every configured model and alias, in OpenAI's list shape) and GET /v1/models/{id}."""
+"""GET /v1/models (every configured model and alias, in OpenAI's list shape), GET /v1/models/{id}, and
+POST /models/reload (read the models directory again, an admin route like LocalAI's /models/*)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio.api.common import registry
+from localai_aio.live_reload import reload_models
 from localai_aio.openapi import answers
 
 routes = web.RouteTableDef()
@@ -33,3 +35,13 @@ async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model_id"]
     cfg = registry(request).config(name)  # 404 model_not_found for a name nothing configures
     return web.json_response({**_model_entry(name, cfg.created), "root": cfg.name})
+
+
+@routes.post("/models/reload")
+@docs(tags=["models"], summary="Read the models directory again: new, changed and removed YAMLs take effect; "
+                               "requests in flight finish on the config they started with.",
+      responses=answers("Reloaded"))
+async def reload(request: web.Request) -> web.Response:
+    done, problems = await reload_models(request.app, "POST /models/reload")
+    return web.json_response({"added": list(done.added), "changed": list(done.changed),
+                              "removed": list(done.removed), "problems": problems})
