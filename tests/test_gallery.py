@@ -120,9 +120,11 @@ def test_real_gallery_file_is_consistent() -> None:
     gallery = load_gallery(Path(__file__).parent.parent / "conf" / "gallery.yaml")
     assert gallery.defaults and set(gallery.defaults) <= set(gallery.entries)
     for entry in gallery.entries.values():
-        for f in entry.files:  # every byte is checked: a file's own sha256, or its wheel's
-            digest = f.sha256 or f.source.get("wheel_sha256")
-            assert digest and len(digest) == 64, (entry.name, f.path)
+        assert entry.size and entry.license, entry.name  # shown by `models list`; the size is checked first
+        for f in entry.files:  # every byte is checked: a file's own sha256 (each file's, for a folder), or its wheel's
+            digests = f.sha256 if isinstance(f.sha256, dict) else [f.sha256 or f.source.get("wheel_sha256")]
+            digests = list(digests.values()) if isinstance(digests, dict) else digests
+            assert digests and all(d and len(d) == 64 for d in digests), (entry.name, f.path)
         produced = {f.path for f in entry.files} | {step["to"] for step in entry.post if "to" in step}
         assert entry.config["parameters"]["model"] in produced
 

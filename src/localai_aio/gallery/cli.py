@@ -22,19 +22,41 @@ def _gallery(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _list(args: argparse.Namespace) -> int:
+    import json
+
     from localai_aio.config import load_model_configs
-    from localai_aio.gallery.install import is_installed
+    from localai_aio.gallery.install import human, is_installed
 
     gallery, models = _gallery(args), _models_path(args)
-    for name, entry in sorted(gallery.entries.items()):
-        mark = "installed" if is_installed(models, entry) else "-"
-        default = " (default)" if name in gallery.defaults else ""
-        print(f"{name:32} {mark:10} {entry.description}{default}")
     configs, _ = load_model_configs(models)
-    others = sorted(set(configs) - set(gallery.entries))
-    for name in others:
-        print(f"{name:32} {'installed':10} (not from the gallery)")
+    rows = [{"name": name, "installed": is_installed(models, entry), "default": name in gallery.defaults,
+             "size": entry.size, "license": entry.license, "description": entry.description,
+             "from_gallery": True} for name, entry in sorted(gallery.entries.items())]
+    rows += [{"name": name, "installed": True, "default": False, "size": None, "license": "", "description": "",
+              "from_gallery": False} for name in sorted(set(configs) - set(gallery.entries))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        mark = "installed" if row["installed"] else "-"
+        size = human(row["size"]) if row["size"] else ""
+        about = row["description"] + (" (default)" if row["default"] else "") if row["from_gallery"] \
+            else "(not from the gallery)"
+        print(f"{row['name']:32} {mark:10} {size:>9}  {row['license'] or '':14} {about}")
     return 0
+
+
+def _quiet_third_parties() -> None:
+    """An install imports exporters (transformers, optimum, torch) that warn about things the user
+    cannot act on; ``--verbose`` shows them."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "optimum", "torch", "accelerate", "onnxruntime", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -45,9 +67,14 @@ def _install(args: argparse.Namespace) -> int:
     if not names:
         print("nothing to install: name gallery entries or pass --defaults", file=sys.stderr)
         return 2
+    if not args.verbose:
+        _quiet_third_parties()
     for name in dict.fromkeys(names):
+        # a terminal gets progress bars; anything else one line per step, for scripts and logs
+        report = None if sys.stderr.isatty() else (lambda step, name=name: print(f"{name}: {step}", flush=True))
         try:
-            done = install(gallery.get(name), models, find_links=args.find_links or (), force=args.force)
+            done = install(gallery.get(name), models, find_links=args.find_links or (), force=args.force,
+                           report=report)
         except InstallError as exc:
             print(f"install of {name} failed: {exc} (nothing was written)", file=sys.stderr)
             return 1
@@ -133,11 +160,13 @@ def add_models_command(sub: argparse._SubParsersAction) -> None:
                         "the package's own).")
     actions = models.add_subparsers(dest="action")
     listing = actions.add_parser("list", parents=[common], help="Gallery entries and installed models.")
+    listing.add_argument("--json", action="store_true", help="One JSON array, for scripts.")
     listing.set_defaults(func=_list)
     inst = actions.add_parser("install", parents=[common], help="Install gallery entries (idempotent).")
     inst.add_argument("names", nargs="*", metavar="NAME")
     inst.add_argument("--defaults", action="store_true", help="Also install the gallery's default models.")
     inst.add_argument("--force", action="store_true", help="Reinstall even when already installed.")
+    inst.add_argument("--verbose", action="store_true", help="Show the warnings of the export tool chain.")
     inst.add_argument("--find-links", action="append", metavar="DIR",
                       help="Take PyPI sources only from this folder of wheels (offline installs).")
     inst.set_defaults(func=_install)

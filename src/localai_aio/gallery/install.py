@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class GalleryEntry:
     files: tuple[GalleryFile, ...]
     config: Mapping[str, Any] = field(default_factory=dict)
     post: tuple[Mapping[str, Any], ...] = ()  # post-processing steps, run in order on the staged folder
+    size: int | None = None  # bytes the install needs on disk, staging included
+    license: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,43 @@ def load_gallery(path: str | Path) -> Gallery:
         files = tuple(GalleryFile(path=f["path"], sha256=f.get("sha256"), source=f["source"])
                       for f in raw.get("files") or ())
         entries[name] = GalleryEntry(name=name, description=raw.get("description", ""), files=files,
-                                     config=raw.get("config") or {}, post=tuple(raw.get("post") or ()))
+                                     config=raw.get("config") or {}, post=tuple(raw.get("post") or ()),
+                                     size=parse_size(raw.get("size"), name), license=str(raw.get("license", "")))
     return Gallery(entries=entries, defaults=tuple(data.get("defaults") or ()))
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+         "GIB": 2**30}
+
+
+def parse_size(value: Any, name: str) -> int | None:
+    """``size`` as bytes: a number, or a string such as "98 MB" or "1.2 GiB"."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    try:
+        return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    except (AttributeError, KeyError, ValueError):
+        raise InstallError(f"gallery entry {name}: size {value!r} is not a size such as 98 MB") from None
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def check_room(entry: GalleryEntry, models: Path) -> None:
+    """Refuse before downloading when the entry's size does not fit on the models directory's disk."""
+    if not entry.size:
+        return
+    free = shutil.disk_usage(models).free
+    if free < entry.size:
+        raise InstallError(f"{entry.name} needs {human(entry.size)} on disk and {models} has {human(free)} free")
 
 
 # -- fetching -----------------------------------------------------------------------------------------------
@@ -307,8 +345,10 @@ def is_installed(models: Path, entry: GalleryEntry) -> bool:
                                                                for f in entry.files)
 
 
-def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = (), force: bool = False) -> bool:
-    """Install one entry; returns False when it was already installed (and ``force`` is off)."""
+def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = (), force: bool = False,
+            report: Callable[[str], None] | None = None) -> bool:
+    """Install one entry; returns False when it was already installed (and ``force`` is off). ``report``
+    hears of each step as it starts ("fetch 1/2 model.gguf", "export 1/1 whisper", ...)."""
     models.mkdir(parents=True, exist_ok=True)
     try:
         target = resolve_inside(models, entry.name)
@@ -316,15 +356,20 @@ def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = ()
         raise InstallError(str(exc)) from None
     if is_installed(models, entry) and not force:
         return False
+    check_room(entry, models)
+    say = report or (lambda _: None)
     with tempfile.TemporaryDirectory(prefix=f".install-{entry.name}-", dir=models) as tmp:
         work = Path(tmp)
         staged = work / entry.name
         staged.mkdir()
-        for spec in entry.files:
+        for i, spec in enumerate(entry.files, 1):
+            say(f"fetch {i}/{len(entry.files)} {spec.path}")
             out = resolve_inside(staged, spec.path)
             out.parent.mkdir(parents=True, exist_ok=True)
             fetch_file(spec, out, work, find_links)
-        for step in entry.post:
+        for i, step in enumerate(entry.post, 1):
+            kind = next((k for k in ("export", "convert", "quantize") if k in step), "step")
+            say(f"{kind} {i}/{len(entry.post)} {step.get(kind, '')}")
             run_step(step, staged)
         yaml_tmp = work / f"{entry.name}.yaml"
         yaml_tmp.write_text(yaml.safe_dump(model_yaml(entry), sort_keys=False), encoding="utf-8")
