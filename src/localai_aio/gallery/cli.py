@@ -70,11 +70,12 @@ def _install(args: argparse.Namespace) -> int:
     if not args.verbose:
         _quiet_third_parties()
     for name in dict.fromkeys(names):
-        # a terminal gets progress bars; anything else one line per step, for scripts and logs
-        report = None if sys.stderr.isatty() else (lambda step, name=name: print(f"{name}: {step}", flush=True))
         try:
-            done = install(gallery.get(name), models, find_links=args.find_links or (), force=args.force,
-                           report=report)
+            entry = _entry(gallery, name)
+            name = entry.name
+            # a terminal gets progress bars; anything else one line per step, for scripts and logs
+            report = None if sys.stderr.isatty() else (lambda step, name=name: print(f"{name}: {step}", flush=True))
+            done = install(entry, models, find_links=args.find_links or (), force=args.force, report=report)
         except InstallError as exc:
             print(f"install of {name} failed: {exc} (nothing was written)", file=sys.stderr)
             return 1
@@ -83,6 +84,18 @@ def _install(args: argparse.Namespace) -> int:
             return 130
         print(f"{name}: {'installed' if done else 'already installed'} in {models}")
     return 0
+
+
+def _entry(gallery, name: str):  # noqa: ANN001, ANN202
+    """A gallery entry by name, or a LocalAI gallery entry from a file or URL (what it cannot use is said)."""
+    from localai_aio.gallery import localai
+
+    if not localai.looks_like_entry_file(name):
+        return gallery.get(name)
+    entry, unused = localai.load_entry(name)
+    for note in unused:
+        print(f"{entry.name}: not used here: {note}", file=sys.stderr)
+    return entry
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -163,7 +176,8 @@ def add_models_command(sub: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true", help="One JSON array, for scripts.")
     listing.set_defaults(func=_list)
     inst = actions.add_parser("install", parents=[common], help="Install gallery entries (idempotent).")
-    inst.add_argument("names", nargs="*", metavar="NAME")
+    inst.add_argument("names", nargs="*", metavar="NAME",
+                      help="gallery entries, or LocalAI gallery files or URLs (FILE.yaml, FILE.yaml#NAME for an index)")
     inst.add_argument("--defaults", action="store_true", help="Also install the gallery's default models.")
     inst.add_argument("--force", action="store_true", help="Reinstall even when already installed.")
     inst.add_argument("--verbose", action="store_true", help="Show the warnings of the export tool chain.")

