@@ -123,6 +123,44 @@ def test_sigterm_finishes_in_flight_requests(server_process, process_models: Pat
     assert result["answer"].choices[0].finish_reason == "length"
 
 
+def test_sigterm_drains_a_stream_and_refuses_new_connections(server_process, process_models: Path,
+                                                              tmp_path: Path) -> None:  # noqa: ANN001
+    import urllib.request
+
+    server = start(server_process, process_models, tmp_path, "--shutdown-grace", "60")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    chunks: list = []
+
+    def stream() -> None:
+        for chunk in client.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=2000, temperature=0, stream=True):
+            chunks.append(chunk)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    while len(chunks) < 5:
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(OSError):  # draining: a balancer's probe (or anyone) can no longer connect
+        urllib.request.urlopen(server.url + "/readyz", timeout=2)
+    worker.join(120)
+    client.close()
+    assert server.proc.wait(60) == 0
+    assert chunks[-1].choices[0].finish_reason == "length"  # the stream ran to its end
+    assert "draining: not accepting new connections" in server.log()
+
+
+async def test_readiness_says_draining(make_client) -> None:  # noqa: ANN001
+    from localai_aio import keys
+
+    client = await make_client()
+    assert (await client.get("/readyz")).status == 200
+    client.server.app[keys.DRAINING].set()
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and await resp.json() == {"status": "draining"}
+
+
 def test_unwritable_config_dir_is_a_clear_error_at_start(tmp_path: Path, process_models: Path) -> None:
     import subprocess
     import sys

@@ -93,6 +93,14 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await reg.close()
 
 
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: the listener is closed and readiness says 503 at once; requests in flight (streams too)
+    get ``--shutdown-grace`` seconds to finish, which aiohttp waits for after this."""
+    app[keys.DRAINING].set()
+    log.info("draining: not accepting new connections; in-flight requests have %g s to finish",
+             app[keys.SETTINGS].shutdown_grace)
+
+
 async def _preload(reg: ModelRegistry, names: tuple[str, ...]) -> None:
     for name in names:
         try:
@@ -125,6 +133,8 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app[keys.METRICS] = Metrics()
     app[keys.BATCHERS] = {}
     app[keys.BACKENDS] = dict(default_backends() if backends is None else backends)
+    app[keys.DRAINING] = asyncio.Event()
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)

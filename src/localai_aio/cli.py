@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("localai_aio %s listening on http://%s (models from %s)", __version__, settings.address,
              settings.models_path)
     web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
-                shutdown_timeout=settings.shutdown_timeout, print=None, access_log=None)
+                shutdown_timeout=settings.shutdown_grace, print=None, access_log=None)
     return 0
 
 

@@ -180,9 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
             "The server's public URL (behind a proxy), for the links it returns, such as generated images. "
             "Unset: from X-Forwarded-Proto/X-Forwarded-Host, else from the request.",
             ("LOCALAI_BASE_URL",), "URL"),
-    Setting("shutdown_timeout", 30.0, _positive_float,
-            "Seconds in-flight requests get to finish after SIGTERM.",
-            ("LOCALAI_SHUTDOWN_TIMEOUT",), "SECONDS"),
+    Setting("shutdown_grace", 30.0, _positive_float,
+            "Seconds in-flight requests (streams too) get to finish after SIGTERM, while readiness says 503 and "
+            "no new connection is accepted.", ("LOCALAI_SHUTDOWN_GRACE", "LOCALAI_SHUTDOWN_TIMEOUT"), "SECONDS"),
     Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "Log level.",
             ("LOCALAI_LOG_LEVEL",), "LEVEL"),
     Setting("log_format", "text", _choice("text", "json"), "Log line format: text or json.",
@@ -218,7 +218,7 @@ class ServerSettings:
     write_timeout: float = 30.0
     max_audio_seconds: float = 7200.0
     base_url: str = ""
-    shutdown_timeout: float = 30.0
+    shutdown_grace: float = 30.0
     log_level: str = "info"
     log_format: str = "text"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -20,3 +21,5 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STORE = web.AppKey("store", "Store")
 BATCHERS = web.AppKey("batchers", dict)
 BACKGROUND = web.AppKey("background_responses", dict)  # response id -> api.responses.Running
+RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)  # model reloads run one at a time (live_reload)
+DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: not ready, finishing what it has

@@ -25,8 +25,6 @@ from localai_aio.runtime import run_blocking
 
 log = logging.getLogger(__name__)
 
-_LOCK = web.AppKey("reload_lock", asyncio.Lock)
-
 
 def _read(models_path: str, current: dict[str, ModelConfig]) -> tuple[dict[str, ModelConfig], list[str]]:
     """The directory's configs, with the last good config kept for a model whose YAML is now broken."""
@@ -42,7 +40,7 @@ def _read(models_path: str, current: dict[str, ModelConfig]) -> tuple[dict[str, 
 
 async def reload_models(app: web.Application, why: str) -> tuple[Reloaded, list[str]]:
     """Read the models directory again and serve what it holds now."""
-    async with app[_LOCK]:
+    async with app[keys.RELOAD_LOCK]:
         current = dict(app[keys.MODEL_CONFIGS])
         configs, problems = await run_blocking(app[keys.EXECUTOR], _read, app[keys.SETTINGS].models_path, current)
         done = app[keys.REGISTRY].reload(configs)
@@ -86,7 +84,7 @@ async def _watch(app: web.Application) -> None:
 
 async def live_reload_ctx(app: web.Application) -> AsyncIterator[None]:
     """SIGHUP reloads (where the loop can take signals); the directory is watched unless turned off."""
-    app[_LOCK] = asyncio.Lock()
+    app[keys.RELOAD_LOCK] = asyncio.Lock()
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 

@@ -18,8 +18,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @routes.get("/readyz")
-@docs(tags=["health"], summary="Readiness: configuration loaded and preloaded models ready.")
+@docs(tags=["health"], summary="Readiness: configuration loaded and preloaded models ready; 503 while "
+                               "draining after SIGTERM.")
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[keys.DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
     reg = request.app[keys.REGISTRY]
     pending = [name for name in request.app[keys.SETTINGS].preload_models if not reg.is_loaded(name)]
     failed = {name: error for name in pending if (error := reg.load_error(name))}
