@@ -124,7 +124,11 @@ def test_links_lead_from_created_objects_to_their_routes(fuzz_server) -> None:  
     to read, change and delete it."""
     from hypothesis.stateful import run_state_machine_as_test
 
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/swagger.json")
+    # The document's own links only: links schemathesis infers from list answers depend on what earlier
+    # tests left in the store, which hypothesis (rightly) calls flaky data generation.
+    config = schemathesis.config.SchemathesisConfig.from_dict(
+        {"phases": {"stateful": {"inference": {"algorithms": []}}}})
+    schema = schemathesis.openapi.from_url(fuzz_server.url + "/swagger.json", config=config)
     followed: dict[tuple[str, str], set[int]] = {}
     base = schema.as_state_machine()
 
