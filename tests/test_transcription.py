@@ -87,6 +87,84 @@ def test_ct2_converter_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(tensor.numpy(), reference[name].numpy(), err_msg=name)
 
 
+def reference_dtw(cost: np.ndarray) -> np.ndarray:
+    """openai-whisper's ``dtw_cpu`` and ``backtrace``, cell by cell, to check the vectorised one against."""
+    n, m = cost.shape
+    total = np.full((n + 1, m + 1), np.inf)
+    total[0, 0] = 0
+    trace = np.zeros((n + 1, m + 1), int)
+    for j in range(1, m + 1):
+        for i in range(1, n + 1):
+            c0, c1, c2 = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
+            step = 0 if c0 < c1 and c0 < c2 else 1 if c1 < c0 and c1 < c2 else 2
+            total[i, j] = cost[i - 1, j - 1] + (c0, c1, c2)[step]
+            trace[i, j] = step
+    trace[0, :], trace[:, 0] = 2, 1
+    i, j, path = n, m, []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        i, j = (i - 1, j - 1) if trace[i, j] == 0 else (i - 1, j) if trace[i, j] == 1 else (i, j - 1)
+    return np.array(path[::-1]).T
+
+
+def test_dtw_and_filters_match_whispers() -> None:
+    from localai_aio.backends.onnx_whisper import alignment_matrix, dtw, median_filter
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 1), (1, 4), (6, 40), (25, 160)]:
+        cost = rng.standard_normal(shape)
+        np.testing.assert_array_equal(np.array(dtw(cost)), reference_dtw(cost))
+        ties = rng.integers(0, 3, shape).astype(np.float64)  # equal costs: the same tie-breaking
+        np.testing.assert_array_equal(np.array(dtw(ties)), reference_dtw(ties))
+    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    padded = np.pad(x, [(0, 0), (0, 0), (3, 3)], mode="reflect")
+    expected = np.median(np.stack([padded[..., k:k + 12] for k in range(7)]), axis=0)
+    np.testing.assert_allclose(median_filter(x, 7), expected)
+    np.testing.assert_array_equal(median_filter(x[..., :3], 7), x[..., :3])  # too short to filter, as Whisper
+    weights = rng.random((2, 5, 30)).astype(np.float32)
+    standard = (weights - weights.mean(axis=1, keepdims=True)) / weights.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(alignment_matrix(weights), median_filter(standard, 7).mean(axis=0), rtol=1e-5)
+
+
+def test_a_diagonal_attention_gives_evenly_spaced_tokens() -> None:
+    """Token k attends to frames 10k..10k+9: DTW puts token k's start at frame 10k."""
+    from localai_aio.backends.onnx_whisper import alignment_matrix, dtw
+
+    weights = np.full((2, 6, 60), 0.01, np.float32)
+    for k in range(6):
+        weights[:, k, 10 * k:10 * k + 10] = 1.0
+    rows, cols = dtw(-alignment_matrix(weights))
+    starts = [int(cols[np.argmax(rows == k)]) for k in range(6)]
+    assert starts == [0, 10, 20, 30, 40, 50]
+
+
+@needs_export
+def test_alignment_graph_is_the_decoders_cross_attention(tmp_path: Path) -> None:
+    """The exported graph returns exactly transformers' cross-attention weights of the named heads, for any
+    number of tokens."""
+    import onnxruntime as ort
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from tiny_models import export_tiny_whisper_alignment
+
+    source, graph = export_tiny_whisper_alignment(tmp_path, heads=[[0, 1]])
+    model = WhisperForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
+    session = ort.InferenceSession(str(graph))
+    encoded = np.random.default_rng(0).standard_normal((1, 1500, 32)).astype(np.float32)
+    for ids in ([[50258, 50259, 50359, 50363, 300, 301, 50257]], [[50258, 50363, 50257]]):
+        with torch.no_grad():
+            expected = model.model.decoder(input_ids=torch.tensor(ids), encoder_hidden_states=torch.from_numpy(encoded),
+                                           output_attentions=True).cross_attentions[0][0, 1].numpy()
+        [got] = session.run(None, {"input_ids": np.array(ids, np.int64), "encoder_hidden_states": encoded})
+        assert got.shape == (1, len(ids[0]), 1500)
+        np.testing.assert_allclose(got[0], expected, atol=1e-5)
+    _, fallback = export_tiny_whisper_alignment(tmp_path / "fallback")  # no heads known: every head of layer 0
+    [got] = ort.InferenceSession(str(fallback)).run(None, {"input_ids": np.array([[50258, 50257]], np.int64),
+                                                          "encoder_hidden_states": encoded})
+    assert got.shape == (2, 2, 1500)
+
+
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if importlib.util.find_spec("optimum") is None:
@@ -194,6 +272,108 @@ async def test_errors(wclient, data, fields: dict, param: str | None, status: in
     if param:
         assert err["param"] == param
     assert (await wclient.get("/healthz")).status == 200
+
+
+# -- word timestamps ---------------------------------------------------------------------------------------
+
+def check_words(body: dict) -> None:
+    """Words in order, inside the clip, and spelling the text."""
+    words = body["words"]
+    assert words and all(set(w) == {"word", "start", "end"} for w in words)
+    assert all(0 <= w["start"] <= w["end"] <= body["duration"] for w in words)
+    starts, ends = [w["start"] for w in words], [w["end"] for w in words]
+    assert starts == sorted(starts) and ends == sorted(ends)
+    assert "".join(w["word"] for w in words) == "".join(body["text"].split())
+    assert all(w["word"] == w["word"].strip() for w in words)
+
+
+@pytest.mark.parametrize("seconds", [4.0, 40.0])  # one window; two (offsets of the second)
+async def test_word_timestamps(wclient, seconds: float) -> None:  # noqa: ANN001
+    audio = wav_bytes(tone(seconds))
+    resp = await wclient.post(T, data=form(audio, model="whisper", language="en", response_format="verbose_json",
+                                           timestamp_granularities__="word"))
+    assert resp.status == 200, await resp.text()
+    words_only = await resp.json()
+    assert set(words_only) == {"task", "language", "duration", "text", "words"}  # OpenAI: no segments then
+    check_words(words_only)
+    ask = form(audio, model="whisper", language="en", response_format="verbose_json")
+    ask.add_field("timestamp_granularities[]", "word")
+    ask.add_field("timestamp_granularities[]", "segment")
+    both = await (await wclient.post(T, data=ask)).json()
+    segments_only = await (await wclient.post(T, data=form(audio, model="whisper", language="en",
+                                                           response_format="verbose_json",
+                                                           timestamp_granularities__="segment"))).json()
+    assert set(both) == {"task", "language", "duration", "text", "segments", "words"}
+    assert both["words"] == words_only["words"] and both["segments"] == segments_only["segments"]
+    assert both["text"] == segments_only["text"] == words_only["text"]  # timing words changes no text
+
+
+@pytest.mark.parametrize(("path", "fields", "message"), [
+    (T, {"response_format": "json"}, "verbose_json"),
+    (T, {"response_format": "srt"}, "verbose_json"),
+    (T, {"response_format": "text"}, "verbose_json"),
+    ("/v1/audio/translations", {"response_format": "verbose_json"}, "transcriptions only"),
+])
+async def test_word_timestamps_need_verbose_json(wclient, path: str, fields: dict, message: str) -> None:  # noqa: ANN001
+    resp = await wclient.post(path, data=form(wav_bytes(tone(1.0)), model="whisper", timestamp_granularities__="word",
+                                              **fields))
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "timestamp_granularities" and message in error["message"]
+    ok = await wclient.post(T, data=form(wav_bytes(tone(1.0)), model="whisper", timestamp_granularities__="segment"))
+    assert ok.status == 200 and set(await ok.json()) == {"text"}  # 'segment' with json: accepted, as OpenAI does
+
+
+async def test_a_model_without_the_alignment_graph_says_how_to_add_it(make_client, tmp_path: Path,
+                                                                      tiny_whisper: Path) -> None:  # noqa: ANN001
+    from localai_aio.backends.onnx_whisper import ALIGNMENT_FILE
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_whisper, models / "old-whisper")
+    (models / "old-whisper" / ALIGNMENT_FILE).unlink()  # as exported before word timestamps
+    write_model_yaml(models, "old", backend="onnx-whisper", parameters={"model": "old-whisper"})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
+    resp = await client.post(T, data=form(wav_bytes(tone(2.0)), model="old", response_format="verbose_json",
+                                          timestamp_granularities__="word"))
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "timestamp_granularities"
+    assert ALIGNMENT_FILE in error["message"] and "localai-aio models install old" in error["message"]
+    plain = await client.post(T, data=form(wav_bytes(tone(2.0)), model="old", response_format="verbose_json"))
+    assert plain.status == 200 and "segments" in await plain.json()  # everything else still works
+
+
+@needs_export
+def test_install_adds_the_alignment_graph_to_an_older_whisper_install(tmp_path: Path, tiny_whisper: Path) -> None:
+    """An install made before word timestamps (no alignment graph) is not complete; installing again exports
+    only the graph, from the transformers folder the install kept, and fetches nothing."""
+    import onnx
+
+    from localai_aio.backends.onnx_whisper import ALIGNMENT_FILE
+    from localai_aio.gallery.install import GalleryEntry, GalleryFile, install, is_installed
+
+    nowhere = {"url": "http://127.0.0.1:9/never-fetched"}
+    post = ({"export": "whisper", "from": "transformers", "to": "onnx"},
+            {"quantize": "int8", "in": "onnx", "models": ["decoder_model.onnx", ALIGNMENT_FILE]})
+    entry = GalleryEntry(name="tiny-whisper", description="", files=(GalleryFile("transformers", None, nowhere),),
+                         post=post, config={"backend": "onnx-whisper", "parameters": {"model": "onnx"}})
+    models = tmp_path / "models"
+    shutil.copytree(tiny_whisper.parent / "source", models / "tiny-whisper" / "transformers")
+    shutil.copytree(tiny_whisper, models / "tiny-whisper" / "onnx")
+    (models / "tiny-whisper" / "onnx" / ALIGNMENT_FILE).unlink()
+    (models / "tiny-whisper.yaml").write_text("name: tiny-whisper\nbackend: onnx-whisper\n")
+    before = {p.name: p.stat().st_mtime_ns for p in (models / "tiny-whisper" / "onnx").iterdir()}
+    assert not is_installed(models, entry)
+    steps: list[str] = []
+    assert install(entry, models, report=steps.append) is True
+    assert (models / "tiny-whisper" / "onnx" / ALIGNMENT_FILE).is_file() and is_installed(models, entry)
+    assert all("alignment" in step for step in steps) and steps  # no fetch, no full export
+    assert {p.name: p.stat().st_mtime_ns for p in (models / "tiny-whisper" / "onnx").iterdir()
+            if p.name != ALIGNMENT_FILE} == before
+    ops = {node.op_type for node in onnx.load(str(models / "tiny-whisper" / "onnx" / ALIGNMENT_FILE)).graph.node}
+    assert "DynamicQuantizeLinear" in ops  # the entry's quantize step names the graph: applied to it as well
+    assert install(entry, models) is False  # complete now
+    assert sorted(p.name for p in models.iterdir()) == ["tiny-whisper", "tiny-whisper.yaml"]  # nothing staged left
 
 
 # -- bounded audio: refused from the header, decoded a window at a time ------------------------------------
@@ -361,6 +541,47 @@ async def test_real_whisper_lazy_dog(real_whisper) -> None:  # noqa: ANN001
     body = await (await real_whisper.post(T, data=form(espeak("The quick brown fox jumps over the lazy dog"),
                                                        model="whisper-1"))).json()
     assert "lazy dog" in body["text"].lower()
+
+
+def speech(text: str) -> np.ndarray:
+    """espeak-ng's voice at 16 kHz."""
+    import soundfile
+    import soxr
+
+    audio, rate = soundfile.read(io.BytesIO(espeak(text)), dtype="float32")
+    return soxr.resample(audio, rate, 16000).astype(np.float32)
+
+
+def heard(audio: np.ndarray) -> tuple[float, float]:
+    """Where the voice in a clip starts and ends, in seconds (espeak-ng pads with near silence)."""
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    return loud[0] / 16000, (loud[-1] + 1) / 16000
+
+
+@pytest.mark.model
+async def test_real_whisper_word_timestamps_hear_a_pause(real_whisper) -> None:  # noqa: ANN001
+    """Two sentences with 1.5 s of silence between them, through the official client: the first word after
+    the pause starts where the test put the second sentence, not in the silence."""
+    import openai
+
+    first = speech("The quick brown fox jumps over the lazy dog.")
+    second = speech("Please bring me a cup of hot coffee.")
+    audio = np.concatenate([first, np.zeros(24000, np.float32), second])
+    pause_start = heard(first)[1]
+    resumed = (len(first) + 24000) / 16000 + heard(second)[0]
+    async with openai.AsyncOpenAI(base_url=str(real_whisper.make_url("/v1")), api_key="x", max_retries=0) as client:
+        result = await client.audio.transcriptions.create(
+            model="whisper-1", file=("pause.wav", wav_bytes(audio), "audio/wav"), language="en",
+            response_format="verbose_json", timestamp_granularities=["word"])
+    assert result.segments is None and result.words, result
+    words = result.words
+    assert all(w.start < w.end for w in words), words
+    assert [w.start for w in words] == sorted(w.start for w in words)
+    [after] = [i for i, w in enumerate(words) if w.word.lower() == "please"]
+    assert words[after - 1].word.lower().startswith("dog")
+    assert words[after].start >= pause_start and abs(words[after].start - resumed) <= 0.3, (words, resumed)
+    assert abs(words[after - 1].end - pause_start) <= 0.3, (words, pause_start)
+    assert words[-1].end <= result.duration and "hot coffee" in result.text.lower()
 
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "My favourite colour is green.",

@@ -402,3 +402,19 @@ def export_tiny_whisper(folder: str | Path) -> Path:
     folder = Path(folder)
     source = save_tiny_whisper(folder / "source")
     return export_whisper(source, folder / "onnx")
+
+
+def export_tiny_whisper_alignment(folder: str | Path, heads: list[list[int]] | None = None) -> tuple[Path, Path]:
+    """The tiny Whisper saved with ``heads`` as its ``alignment_heads`` (none: the exporter's fallback, every
+    head of the last half of the layers), and only its word-alignment graph exported. Returns (transformers
+    folder, graph)."""
+    import json
+
+    from localai_aio.gallery.whisper_alignment import export_alignment
+
+    folder = Path(folder)
+    source = save_tiny_whisper(folder / "source")
+    if heads is not None:
+        path = source / "generation_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "alignment_heads": heads}))
+    return source, export_alignment(source, folder / "onnx")

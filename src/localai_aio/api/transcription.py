@@ -14,6 +14,7 @@ from localai_aio import keys
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
+from localai_aio.backends.onnx_whisper import WordTimestampsUnavailable
 from localai_aio.backends.whisper_languages import language_name
 from localai_aio.errors import InvalidRequest
 from localai_aio.openapi import USE_CASE, answers, form_body
@@ -27,7 +28,10 @@ FORM_FIELDS: dict[str, Any] = {
     "prompt": {"type": "string"}, "temperature": {"type": "number", "minimum": 0, "maximum": 1},
     "response_format": {"type": "string", "enum": list(FORMATS)},
 }
-GRANULARITIES = {"timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["segment"]}}}
+GRANULARITIES = {"timestamp_granularities[]": {
+    "type": "array", "items": {"type": "string", "enum": ["segment", "word"]},
+    "description": "With response_format verbose_json: 'segment' (the default), 'word' (words with their start "
+                   "and end; segments only when 'segment' is asked too), or both"}}
 
 
 async def read_form(request: web.Request) -> tuple[dict[str, list[str]], bytes | None]:
@@ -64,7 +68,7 @@ def _timestamp(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
 
 
-def render(result: Any, fmt: str, task: str) -> web.Response:
+def render(result: Any, fmt: str, task: str, granularities: frozenset[str] = frozenset()) -> web.Response:
     if fmt == "text":
         return web.Response(text=result.text + "\n", content_type="text/plain")
     if fmt in ("srt", "vtt"):
@@ -76,13 +80,16 @@ def render(result: Any, fmt: str, task: str) -> web.Response:
             lines += [f"{_timestamp(s.start, sep)} --> {_timestamp(s.end, sep)}", s.text.strip(), ""]
         return web.Response(text="\n".join(lines), content_type="text/vtt" if fmt == "vtt" else "application/x-subrip")
     if fmt == "verbose_json":
-        segments = [{"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
-                     "temperature": s.temperature, "avg_logprob": s.avg_logprob,
-                     "compression_ratio": s.compression_ratio, "no_speech_prob": s.no_speech_prob}
-                    for s in result.segments]
-        return web.json_response({"task": task, "language": language_name(result.language),
-                                  "duration": round(result.duration, 3),
-                                  "text": result.text, "segments": segments})
+        body = {"task": task, "language": language_name(result.language), "duration": round(result.duration, 3),
+                "text": result.text}
+        if "segment" in granularities or "word" not in granularities:  # as OpenAI: words alone, no segments
+            body["segments"] = [{"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text,
+                                 "tokens": s.tokens, "temperature": s.temperature, "avg_logprob": s.avg_logprob,
+                                 "compression_ratio": s.compression_ratio, "no_speech_prob": s.no_speech_prob}
+                                for s in result.segments]
+        if "word" in granularities:
+            body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for w in result.words]
+        return web.json_response(body)
     return web.json_response({"text": result.text})
 
 
@@ -100,12 +107,7 @@ async def _handle(request: web.Request, task: str) -> web.Response:
     if fmt not in FORMATS:
         raise InvalidRequest(f"Invalid value for 'response_format': {fmt!r}; one of {', '.join(FORMATS)}",
                              param="response_format")
-    granularities = fields.get("timestamp_granularities[]", []) + fields.get("timestamp_granularities", [])
-    if any(g not in ("segment", "word") for g in granularities):
-        raise InvalidRequest("Invalid value for 'timestamp_granularities[]': 'segment' or 'word'",
-                             param="timestamp_granularities")
-    if "word" in granularities:
-        raise InvalidRequest("Word timestamps are not supported; use 'segment'", param="timestamp_granularities")
+    granularities = _granularities(fields, fmt, task)
     try:
         temperature = float(field("temperature") or 0.0)
     except ValueError:
@@ -126,11 +128,29 @@ async def _handle(request: web.Request, task: str) -> web.Response:
         try:
             with _refused_audio():
                 result = await handle.run(engine.transcribe, audio, language=language, task=task,
-                                          prompt=field("prompt"), temperature=temperature, cancel=cancel)
+                                          prompt=field("prompt"), temperature=temperature, cancel=cancel,
+                                          words="word" in granularities)
+        except WordTimestampsUnavailable as exc:
+            raise InvalidRequest(str(exc), param="timestamp_granularities") from None
         finally:
             cancel.set()
             request.app[keys.METRICS].inference.labels(cfg.name, task).observe(time.perf_counter() - started)
-    return render(result, fmt, task)
+    return render(result, fmt, task, granularities)
+
+
+def _granularities(fields: dict[str, list[str]], fmt: str, task: str) -> frozenset[str]:
+    """``timestamp_granularities[]`` as OpenAI takes it: 'segment' is accepted with every format (it is what
+    verbose_json gives anyway), while 'word' changes the answer, so it needs verbose_json (OpenAI answers
+    400 otherwise); translations have no word timestamps."""
+    granularities = frozenset(fields.get("timestamp_granularities[]", []) + fields.get("timestamp_granularities", []))
+    if any(g not in ("segment", "word") for g in granularities):
+        raise InvalidRequest("Invalid value for 'timestamp_granularities[]': 'segment' or 'word'",
+                             param="timestamp_granularities")
+    if "word" in granularities and task != "transcribe":
+        raise InvalidRequest("Word timestamps are given for transcriptions only", param="timestamp_granularities")
+    if "word" in granularities and fmt != "verbose_json":
+        raise InvalidRequest("Word timestamps need response_format 'verbose_json'", param="timestamp_granularities")
+    return granularities
 
 
 @routes.post("/v1/audio/transcriptions")

@@ -11,11 +11,21 @@ are lost or doubled at the edges. The audio is decoded and featurised window by 
 moves forward, never as a whole clip. A window stops at the end token or after 224 tokens; a window
 judged silent (no-speech probability) is skipped; a window whose text is repetitive (gzip compression
 ratio) is decoded again at higher temperatures, as Whisper does, so decoding does not loop.
+
+Word timestamps (``words=True``) are openai-whisper's (``timing.py``): after a window is decoded, the
+decoder reads the window's text once more in ``decoder_alignment.onnx`` (exported next to the decoders,
+see ``gallery/whisper_alignment.py``), which returns the cross-attention weights of the model's alignment
+heads; those are standardised, median-filtered and averaged, and dynamic time warping maps each token
+to the 20 ms encoder frames it was read from. Tokens are grouped into words (at spaces, or at unicode
+characters for languages written without spaces), punctuation joins its word, and each word gets the
+time its first token was reached and the time the next word's was.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import string
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -40,6 +50,31 @@ NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_THRESHOLD = 2.4
 SILENCE = 1e-4  # no sample louder than this: digital silence
+ALIGNMENT_FILE = "decoder_alignment.onnx"
+TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder frames: the encoder halves the mel frame rate
+MEDIAN_FILTER_WIDTH = 7
+PREPEND_PUNCTUATION = "\"'“¿([{-"
+APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+SENTENCE_END = ".。!！?？"
+#: Languages written without spaces between words: their words are split at unicode characters.
+UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
+
+
+class WordTimestampsUnavailable(ValueError):
+    """Word timestamps were asked of a model folder that has no alignment graph."""
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"Model '{model}' cannot time words: its folder has no {ALIGNMENT_FILE} (models exported before word "
+            f"timestamps existed lack it). Add it with `localai-aio models install {model}` for a gallery model, "
+            f"or re-export with `localai-aio models export SOURCE --name {model} --task whisper --force`")
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
 
 
 @dataclass
@@ -54,6 +89,7 @@ class Segment:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
+    words: list[Word] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +98,20 @@ class Transcript:
     language: str
     duration: float
     segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+
+@dataclass
+class _Timing:
+    """A word as the alignment found it, before it is placed in its segment (times within the window)."""
+
+    word: str
+    tokens: list[int]
+    start: float
+    end: float
 
 
 @dataclass
@@ -81,6 +131,89 @@ class _Window:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+# -- word alignment (openai-whisper's timing.py, in numpy) -----------------------------------------------------
+
+def median_filter(x: np.ndarray, width: int) -> np.ndarray:
+    """Median over a sliding window of odd ``width`` along the last axis, reflect-padded (as Whisper's), so
+    one stray frame of attention does not move a word."""
+    pad = width // 2
+    if x.shape[-1] <= pad:
+        return x
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1)
+    return np.partition(windows, pad, axis=-1)[..., pad]
+
+
+def alignment_matrix(weights: np.ndarray, width: int = MEDIAN_FILTER_WIDTH) -> np.ndarray:
+    """(heads, tokens, frames) softmaxed cross-attention -> (tokens, frames): each head standardised over the
+    tokens at every frame (so a frame every token glances at counts less), median-filtered along time,
+    then the heads averaged. One head at a time: the filter's windows are ``width`` times the head."""
+    total = np.zeros(weights.shape[1:], np.float64)
+    for head in weights.astype(np.float32, copy=False):
+        standard = (head - head.mean(axis=0)) / np.maximum(head.std(axis=0), 1e-10)
+        total += median_filter(standard, width)
+    return total / len(weights)
+
+
+def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest monotonic path through ``cost`` (tokens x frames) from the first cell to the last, moving
+    down, right or diagonally; returns the path's (token indices, frame indices). The cells of one
+    anti-diagonal depend only on the two before it, so each anti-diagonal is one vectorised step; ties are
+    broken as Whisper's ``dtw_cpu`` breaks them."""
+    n, m = cost.shape
+    total = np.full((n + 1, m + 1), np.inf)
+    total[0, 0] = 0.0
+    trace = np.full((n + 1, m + 1), -1, dtype=np.int8)
+    for diagonal in range(2, n + m + 1):
+        i = np.arange(max(1, diagonal - m), min(n, diagonal - 1) + 1)
+        j = diagonal - i
+        c0, c1, c2 = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
+        step = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2)).astype(np.int8)
+        total[i, j] = cost[i - 1, j - 1] + np.choose(step, [c0, c1, c2])
+        trace[i, j] = step
+    return _backtrace(trace)
+
+
+def _backtrace(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    trace = trace.copy()
+    trace[0, :] = 2
+    trace[:, 0] = 1
+    i, j = trace.shape[0] - 1, trace.shape[1] - 1
+    path = []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        step = trace[i, j]
+        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
+    rows, cols = np.array(path[::-1]).T
+    return rows, cols
+
+
+def merge_punctuation(words: list[_Timing]) -> None:
+    """Opening punctuation joins the word after it and closing punctuation the word before it, in place; the
+    emptied entries keep their tokens' count at zero and are skipped later (Whisper's
+    ``merge_punctuations``)."""
+    i, j = len(words) - 2, len(words) - 1
+    while i >= 0:
+        previous, following = words[i], words[j]
+        if previous.word.startswith(" ") and previous.word.strip() in PREPEND_PUNCTUATION:
+            following.word = previous.word + following.word
+            following.tokens = previous.tokens + following.tokens
+            previous.word, previous.tokens = "", []
+        else:
+            j = i
+        i -= 1
+    i, j = 0, 1
+    while j < len(words):
+        previous, following = words[i], words[j]
+        if not previous.word.endswith(" ") and following.word in APPEND_PUNCTUATION:
+            previous.word = previous.word + following.word
+            previous.tokens = previous.tokens + following.tokens
+            following.word, following.tokens = "", []
+        else:
+            i = j
+        j += 1
 
 
 class WhisperEngine:
@@ -127,6 +260,9 @@ class WhisperEngine:
                                         | ({self.no_speech} if self.no_speech is not None else set())), dtype=np.int64)
         self.begin_suppress = np.array(generation.get("begin_suppress_tokens") or [self.eot], dtype=np.int64)
         self.max_target = int(config.get("max_target_positions", 448))
+        alignment = folder / ALIGNMENT_FILE
+        # Optional: only word timestamps need it, and folders exported before them lack it.
+        self.aligner = make_session(alignment, cfg, settings, spinning=True) if alignment.is_file() else None
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -230,10 +366,14 @@ class WhisperEngine:
         return result
 
     def transcribe(self, audio: AudioSource, *, language: str | None, task: str, prompt: str | None,
-                   temperature: float, cancel: CancelFlag) -> Transcript:
+                   temperature: float, cancel: CancelFlag, words: bool = False) -> Transcript:
         """Transcribe (or translate) a 16 kHz mono clip of any length. The clip is pulled one 30 s window at
-        a time, so memory does not grow with its length; a window of digital silence is skipped unheard."""
+        a time, so memory does not grow with its length; a window of digital silence is skipped unheard.
+        ``words``: also time each word (``Segment.words``), in the same pass over each window."""
+        if words and self.aligner is None:
+            raise WordTimestampsUnavailable(self.name)
         rng = np.random.default_rng(0)
+        last_speech = 0.0
         previous = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids if prompt else []
         segments: list[Segment] = []
         seek = 0
@@ -255,11 +395,14 @@ class WhisperEngine:
                 seek += span  # silence: skip the window
                 continue
             new, advance = self._segments(result, seek, span, len(segments))
+            if words and not cancel.is_set():
+                last_speech = self._time_words(new, encoded, language, task, span, seek, last_speech)
             segments += [s for s in new if s.text.strip()]
             # Like Whisper: text decoded at a high temperature is not trusted as the next window's prompt.
             previous = [] if result.temperature > 0.5 else previous + [t for t in result.tokens if t < self.eot]
             seek += max(advance, 1)
         text = "".join(s.text for s in segments).strip()
+        _in_order([w for s in segments for w in s.words])
         return Transcript(text, language or "en", audio.duration, segments)
 
     def _segments(self, result: _Window, seek: int, span: int, first_id: int) -> tuple[list[Segment], int]:
@@ -295,8 +438,143 @@ class WhisperEngine:
         add(tokens, 0.0, end)
         return segments, span
 
+    # -- word timestamps -----------------------------------------------------------------------------------------
+
+    def _align(self, encoded: np.ndarray, prefix: list[int], text_tokens: list[int], span: int,
+               language: str) -> list[_Timing]:
+        """Words of ``text_tokens`` with their times in the window (openai-whisper's ``find_alignment``).
+        ``prefix`` is the start-of-transcript sequence ending in <|notimestamps|>: the text is read without
+        its timestamp tokens, as Whisper aligns it."""
+        frames = span // 2
+        if not text_tokens or frames < 1:
+            return []
+        ids = np.array([prefix + text_tokens + [self.eot]], np.int64)
+        weights = self.aligner.run(None, {"input_ids": ids, "encoder_hidden_states": encoded})[0]
+        # The row of a token is where the decoder looked while predicting the next one; from the
+        # <|notimestamps|> row (predicting the first text token) to the last text token (predicting the end).
+        matrix = alignment_matrix(weights[:, :, :frames])[len(prefix) - 1:-1]
+        rows, cols = dtw(-matrix)
+        texts, groups = self._split_words(text_tokens + [self.eot], language)
+        if len(groups) <= 1:
+            return []
+        boundaries = np.pad(np.cumsum([len(g) for g in groups[:-1]]), (1, 0))
+        jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
+        jump_times = cols[jumps] / TOKENS_PER_SECOND
+        starts, ends = jump_times[boundaries[:-1]], jump_times[boundaries[1:]]
+        return [_Timing(text, group, float(start), float(end))
+                for text, group, start, end in zip(texts, groups, starts, ends, strict=False)]
+
+    def _split_words(self, tokens: list[int], language: str) -> tuple[list[str], list[list[int]]]:
+        """Tokens grouped into words: at spaces (and around punctuation), or at every complete unicode
+        character for languages written without spaces."""
+        texts, groups = self._split_on_unicode(tokens)
+        if language in UNSPACED_LANGUAGES:
+            return texts, groups
+        words: list[str] = []
+        word_tokens: list[list[int]] = []
+        for text, group in zip(texts, groups, strict=True):
+            starts_word = group[0] >= self.eot or text.startswith(" ") or text.strip() in string.punctuation
+            if starts_word or not words:
+                words.append(text)
+                word_tokens.append(list(group))
+            else:
+                words[-1] += text
+                word_tokens[-1].extend(group)
+        return words, word_tokens
+
+    def _split_on_unicode(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+        """Tokens grouped so that each group decodes to whole characters (a character's UTF-8 bytes may be
+        spread over several byte-level tokens)."""
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode([t for t in ids if t < self.eot])
+
+        full = decode(tokens)
+        texts: list[str] = []
+        groups: list[list[int]] = []
+        current: list[int] = []
+        offset = 0
+        for token in tokens:
+            current.append(token)
+            text = decode(current)
+            if "\ufffd" not in text or full[offset + text.index("\ufffd"):][:1] == "\ufffd":
+                texts.append(text)
+                groups.append(current)
+                current = []
+                offset += len(text)
+        return texts, groups
+
+    def _time_words(self, segments: list[Segment], encoded: np.ndarray, language: str, task: str, span: int,
+                    seek: int, last_speech: float) -> float:
+        """Give each of a window's segments its ``words`` (openai-whisper's ``add_word_timestamps``): absolute
+        times, inside the segment and the window. Returns when speech last ended, for the next window."""
+        per_segment = [[t for t in s.tokens if t < self.eot] for s in segments]
+        prefix = self._prompt(language, task, False, [])  # no previous text: the window's own text is aligned
+        alignment = self._align(encoded, prefix, list(itertools.chain.from_iterable(per_segment)), span, language)
+        durations = np.array([t.end - t.start for t in alignment])
+        durations = durations[durations.nonzero()]
+        median = min(0.7, float(np.median(durations))) if len(durations) else 0.0
+        longest = median * 2
+        if len(durations):  # a sentence's final mark, or the word after it, may swallow a pause: cut them
+            for i in range(1, len(alignment)):
+                if alignment[i].end - alignment[i].start > longest:
+                    if alignment[i].word in SENTENCE_END:
+                        alignment[i].end = alignment[i].start + longest
+                    elif alignment[i - 1].word in SENTENCE_END:
+                        alignment[i].start = alignment[i].end - longest
+        merge_punctuation(alignment)
+        offset = seek / FRAMES_PER_SECOND
+        window_end = offset + span / FRAMES_PER_SECOND
+        timings = iter(alignment)
+        for segment, tokens in zip(segments, per_segment, strict=True):
+            words: list[Word] = []
+            taken = 0
+            while taken < len(tokens) and (timing := next(timings, None)) is not None:
+                if timing.word.strip():
+                    words.append(Word(timing.word, round(offset + timing.start, 2), round(offset + timing.end, 2)))
+                taken += len(timing.tokens)
+            if words:
+                _shorten_after_pause(words, last_speech, median, longest)
+                _place(words, (segment.start, segment.end), (offset, window_end))
+                last_speech = words[-1].end
+            segment.words = words
+        return last_speech
+
     def close(self) -> None:
-        self.encoder = self.decoder = self.decoder_past = None
+        self.encoder = self.decoder = self.decoder_past = self.aligner = None
+
+
+def _shorten_after_pause(words: list[Word], last_speech: float, median: float, longest: float) -> None:
+    """After a pause, the attention of a segment's first word often spreads over the silence before it, so
+    the word would start too early: its length (and the second word's) is cut to twice the median word
+    length, as Whisper does."""
+    first = words[0]
+    if first.end - last_speech <= median * 4:
+        return
+    if first.end - first.start <= longest and (len(words) < 2 or words[1].end - first.start <= longest * 2):
+        return
+    if len(words) > 1 and words[1].end - words[1].start > longest:
+        boundary = max(words[1].end / 2, words[1].end - longest)
+        first.end = words[1].start = round(boundary, 2)
+    first.start = round(max(0.0, first.end - longest), 2)
+
+
+def _place(words: list[Word], segment: tuple[float, float], window: tuple[float, float]) -> None:
+    """Clamp a segment's words into the segment, then into the window's audio (which wins: a segment's
+    timestamps may run past the end of the clip, a word never does)."""
+    def clamp(value: float) -> float:
+        return min(max(min(max(value, segment[0]), segment[1]), window[0]), window[1])
+
+    for word in words:
+        word.start, word.end = clamp(word.start), clamp(word.end)
+
+
+def _in_order(words: list[Word]) -> None:
+    """Starts and ends never go backwards, and no word ends before it starts: what clients assume of word
+    timestamps, whatever the heuristics above did at a segment's edge."""
+    start = end = 0.0
+    for word in words:
+        word.start = start = max(word.start, start)
+        word.end = end = max(word.end, word.start, end)
 
 
 def load(cfg: ModelConfig, settings: ServerSettings) -> WhisperEngine:

@@ -45,7 +45,7 @@ def export_feature_extraction(source: Path | str, out: Path) -> Path:
 
 
 def export_whisper(source: Path | str, out: Path) -> Path:
-    """A transformers Whisper folder -> encoder, decoder and decoder-with-past ONNX models + tokenizer."""
+    """A transformers Whisper folder -> encoder, decoder, decoder-with-past and alignment ONNX models + tokenizer."""
     _optimum_export(source, out, "automatic-speech-recognition-with-past")
     merged = out / "decoder_model_merged.onnx"
     if merged.is_file():
@@ -53,6 +53,9 @@ def export_whisper(source: Path | str, out: Path) -> Path:
     for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
         if not (out / name).is_file():
             raise ExportError(f"optimum wrote no {name} for {source}")
+    from localai_aio.gallery.whisper_alignment import export_alignment  # word timestamps' cross-attention graph
+
+    export_alignment(source, out)
     return out
 
 

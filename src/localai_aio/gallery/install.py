@@ -358,9 +358,16 @@ def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
     return config
 
 
-def is_installed(models: Path, entry: GalleryEntry) -> bool:
+def _fetched(models: Path, entry: GalleryEntry) -> bool:
     return (models / f"{entry.name}.yaml").is_file() and all((models / entry.name / f.path).exists()
                                                                for f in entry.files)
+
+
+def is_installed(models: Path, entry: GalleryEntry) -> bool:
+    """The YAML and the entry's files are there, and (Whisper) the word-alignment graph later installs add."""
+    from localai_aio.gallery.whisper_alignment import missing_alignments
+
+    return _fetched(models, entry) and not missing_alignments(models / entry.name, entry.post)
 
 
 def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = (), force: bool = False,
@@ -374,8 +381,10 @@ def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = ()
         raise InstallError(str(exc)) from None
     if is_installed(models, entry) and not force:
         return False
-    check_room(entry, models)
     say = report or (lambda _: None)
+    if not force and _fetched(models, entry) and _add_alignments(entry, models, say):
+        return True
+    check_room(entry, models)
     with tempfile.TemporaryDirectory(prefix=f".install-{entry.name}-", dir=models) as tmp:
         work = Path(tmp)
         staged = work / entry.name
@@ -395,6 +404,18 @@ def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = ()
         os.replace(staged, target)
         os.replace(yaml_tmp, models / f"{entry.name}.yaml")  # last: the model exists once this is there
     return True
+
+
+def _add_alignments(entry: GalleryEntry, models: Path, say: Callable[[str], None]) -> bool:
+    """An older install of a Whisper entry lacks only the word-alignment graph: export it from the files
+    there instead of installing again. False when that cannot be done (then the entry is reinstalled)."""
+    from localai_aio.gallery.export import ExportError
+    from localai_aio.gallery.whisper_alignment import add_missing_alignments
+
+    try:
+        return add_missing_alignments(models / entry.name, entry.post, say)
+    except ExportError as exc:
+        raise InstallError(str(exc)) from None
 
 
 def remove(name: str, models: Path) -> bool:
