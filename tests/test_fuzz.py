@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
 from conftest import ServerProcess, write_model_yaml
-from tiny_models import write_standin_embedder, write_standin_piper
+from tiny_models import write_standin_embedder, write_standin_piper, write_standin_reranker
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -32,6 +32,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):  # n
     write_model_yaml(models, "embedder", backend="onnx-embeddings", parameters={"model": "embedder"})
     write_standin_piper(models / "voice.onnx")
     write_model_yaml(models, "voice", backend="piper", parameters={"model": "voice.onnx"})
+    write_standin_reranker(models / "reranker")
+    write_model_yaml(models, "reranker", backend="onnx-rerank", parameters={"model": "reranker"})
     server = ServerProcess(["--models-path", str(models), "--config-dir", str(root / "data"), "--threads", "1",
                             "--upload-limit", "1"], cwd=root)
     server.start(root / "server.log")

@@ -418,3 +418,164 @@ def export_tiny_whisper_alignment(folder: str | Path, heads: list[list[int]] | N
         path = source / "generation_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "alignment_heads": heads}))
     return source, export_alignment(source, folder / "onnx")
+
+
+# -- tiny cross-encoders (rerankers) -----------------------------------------------------------------------
+
+def save_tiny_cross_encoder(folder: str | Path, *, num_labels: int = 1, scale: float = 1000.0, seed: int = 5) -> Path:
+    """A random 2-layer BertForSequenceClassification over ``EMBED_VOCAB`` with its fast tokenizer (which pairs
+    texts as ``[CLS] a [SEP] b [SEP]``), saved as a transformers folder. Random heads give logits near 0;
+    ``scale`` multiplies the classifier's weights so scores spread out, and with seed 5 the test sentences'
+    scores lie well apart (with many seeds a random head scores every pair nearly alike)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(EMBED_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(scale)
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(EMBED_VOCAB))
+    BertTokenizerFast(str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    return folder
+
+
+def export_tiny_cross_encoder(folder: str | Path, *, num_labels: int = 1, scale: float = 1000.0) -> tuple[Path, Path]:
+    """The tiny cross-encoder exported by the project's own exporter (text-classification). Returns
+    (transformers folder, ONNX folder)."""
+    from localai_aio.gallery.export import export_text_classification
+
+    folder = Path(folder)
+    source = save_tiny_cross_encoder(folder / "source", num_labels=num_labels, scale=scale)
+    return source, export_text_classification(source, folder / "onnx")
+
+
+#: transformers' BERT weights -> llama.cpp's tensor names for LLM_ARCH_BERT. The pooler (dense + tanh on
+#: [CLS]) is llama.cpp's ``cls`` and the classifier its ``cls.output``: rank pooling computes
+#: cls.output(tanh(cls([CLS]))), which is exactly BertForSequenceClassification's logits.
+BERT_GGUF_NAMES = {
+    "bert.embeddings.word_embeddings.weight": "token_embd.weight",
+    "bert.embeddings.token_type_embeddings.weight": "token_types.weight",
+    "bert.embeddings.position_embeddings.weight": "position_embd.weight",
+    "bert.embeddings.LayerNorm.weight": "token_embd_norm.weight",
+    "bert.embeddings.LayerNorm.bias": "token_embd_norm.bias",
+    "bert.pooler.dense.weight": "cls.weight", "bert.pooler.dense.bias": "cls.bias",
+    "classifier.weight": "cls.output.weight", "classifier.bias": "cls.output.bias",
+}
+BERT_GGUF_LAYER = {
+    "attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output", "attention.output.LayerNorm": "attn_output_norm",
+    "intermediate.dense": "ffn_up", "output.dense": "ffn_down", "output.LayerNorm": "layer_output_norm",
+}
+
+
+def write_tiny_rerank_gguf(source: str | Path, path: str | Path, *, head: bool = True, pooling: bool = True,
+                           rerank_template: str | None = None) -> Path:
+    """The tiny cross-encoder saved by ``save_tiny_cross_encoder`` as a BERT GGUF (float32) with a WordPiece
+    vocabulary, as llama.cpp's converter writes one: ``bert.pooling_type`` rank (unless ``pooling`` is off),
+    [CLS] as BOS and [SEP] as EOS and SEP, add_bos and add_eos on and add_sep off, so a pair is
+    ``[CLS] q [SEP] d [SEP]`` (BERT's own pair layout). ``head`` off drops the classification head;
+    ``rerank_template`` is written as the file's ``rerank`` chat template."""
+    import gguf
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(source).eval()
+    config = model.config
+    weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    names = dict(BERT_GGUF_NAMES)
+    for b in range(config.num_hidden_layers):
+        for hf, ours in BERT_GGUF_LAYER.items():
+            for kind in ("weight", "bias"):
+                names[f"bert.encoder.layer.{b}.{hf}.{kind}"] = f"blk.{b}.{ours}.{kind}"
+    index = {tok: i for i, tok in enumerate(EMBED_VOCAB)}
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_name("tiny-test-cross-encoder")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_layer_norm_eps(config.layer_norm_eps)
+    w.add_causal_attention(False)
+    w.add_token_type_count(config.type_vocab_size)
+    w.add_file_type(0)
+    if pooling:
+        w.add_pooling_type(gguf.PoolingType.RANK)
+    w.add_tokenizer_model("bert")
+    # WordPiece in GGUF: word-initial pieces carry the phantom space, specials stay as they are
+    w.add_token_list([tok if tok.startswith("[") else "\u2581" + tok for tok in EMBED_VOCAB])
+    w.add_token_types([3 if tok.startswith("[") else 1 for tok in EMBED_VOCAB])
+    w.add_bos_token_id(index["[CLS]"])
+    w.add_eos_token_id(index["[SEP]"])
+    w.add_sep_token_id(index["[SEP]"])
+    w.add_unk_token_id(index["[UNK]"])
+    w.add_pad_token_id(index["[PAD]"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+    w.add_add_sep_token(False)
+    if rerank_template is not None:
+        w.add_chat_template([{"name": "rerank", "template": rerank_template}])
+    for hf, ours in names.items():
+        if head or not ours.startswith("cls"):
+            w.add_tensor(ours, weights[hf])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def write_standin_reranker(folder: str | Path, *, dim: int = 8, max_length: int = 16,
+                           seed: int = 0) -> tuple[Path, dict]:
+    """A stand-in cross-encoder (onnx.helper), no torch needed: logit = (the sum over the pair's unmasked
+    tokens of ``table[id] + types[segment]``) . ``weight``, as [batch, 1] ``logits``, with a WordPiece tokenizer
+    that pairs texts as ``[CLS] a [SEP] b [SEP]`` (segments 0 then 1). Returns the folder and the weights
+    (``table``, ``types``, ``weight``), so tests can compute the exact scores."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    weights = {"table": rng.standard_normal((len(EMBED_VOCAB), dim)).astype(np.float32),
+               "types": rng.standard_normal((2, dim)).astype(np.float32),
+               "weight": (rng.standard_normal((dim, 1)) / dim).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["tokens"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["segments"]),
+        helper.make_node("Add", ["tokens", "segments"], ["embedded"]),
+        helper.make_node("Unsqueeze", ["attention_mask", "axis"], ["mask3"]),
+        helper.make_node("Cast", ["mask3"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["embedded", "maskf"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0),
+        helper.make_node("MatMul", ["summed", "weight"], ["logits"]),
+    ]
+    ids = ["input_ids", "attention_mask", "token_type_ids"]
+    graph = helper.make_graph(
+        nodes, "standin-reranker", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ids],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()]
+        + [numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+           numpy_helper.from_array(np.array([1], np.int64), "seq_axis")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              str(folder / "model.onnx"))
+    vocab = {tok: i for i, tok in enumerate(EMBED_VOCAB)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": max_length,
+                                                    "pad_token_id": 0, "num_labels": 1}))
+    return folder, weights

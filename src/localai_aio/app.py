@@ -21,14 +21,17 @@ from localai_aio.api import (
     elevenlabs,
     embeddings,
     files,
+    gallery_jobs,
     health,
     images,
     messages,
     models,
+    rerank,
     responses,
     speech,
     tokenize,
     transcription,
+    ui,
 )
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
@@ -43,8 +46,8 @@ from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, speech, elevenlabs,
-               transcription, images, assistants, files)
+API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, elevenlabs,
+               transcription, images, assistants, files, gallery_jobs, ui)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -139,6 +142,8 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(live_reload_ctx)
+    app.cleanup_ctx.append(ui.assets_ctx)
+    app.cleanup_ctx.append(gallery_jobs.installs_ctx)  # ends before the registry: stops installs
     app.cleanup_ctx.append(responses.background_ctx)  # ends first: background responses still use the rest
     for module in API_MODULES:
         app.router.add_routes(module.routes)

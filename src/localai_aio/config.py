@@ -152,6 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("watch_models", True, _bool,
             "Serve new, changed and removed model YAMLs of the models directory as they appear, without a "
             "restart (SIGHUP and POST /models/reload reload them too).", ("LOCALAI_WATCH_MODELS",), "BOOL"),
+    Setting("disable_gallery_api", False, _bool,
+            "Turn off the gallery API (POST /models/apply, GET /models/jobs..., GET /models/available): installs "
+            "only from the command line.", ("LOCALAI_DISABLE_GALLERY_API",), flag_only_bool=True),
     Setting("queue_size", 16, _positive_int,
             "Requests that may wait for a busy model; more get 503 with Retry-After.",
             ("LOCALAI_QUEUE_SIZE",), "N"),
@@ -209,6 +212,7 @@ class ServerSettings:
     idle_timeout: float = 0.0
     preload_models: tuple[str, ...] = ()
     watch_models: bool = True
+    disable_gallery_api: bool = False
     queue_size: int = 16
     embeddings_max_inputs: int = 2048
     batch_window_ms: float = 5.0
@@ -311,6 +315,7 @@ BACKEND_OPTION_KEYS = frozenset({
     "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
     "pooling", "normalize", "max_length",  # onnx-embeddings
     "voices",  # piper
+    "reasoning",  # chat: where a reasoning model's thoughts start and end (reasoning.markers_for)
     "scheduler", "step", "steps", "guidance_scale", "cfg_scale", "size",  # onnx-diffusion
 })
 

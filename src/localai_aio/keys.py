@@ -23,3 +23,5 @@ BATCHERS = web.AppKey("batchers", dict)
 BACKGROUND = web.AppKey("background_responses", dict)  # response id -> api.responses.Running
 RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)  # model reloads run one at a time (live_reload)
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: not ready, finishing what it has
+UI_ASSETS = web.AppKey("ui_assets", "UIAssets")  # the web UI's files, read once at start (api.ui)
+GALLERY_INSTALLS = web.AppKey("gallery_installs", "Installs")  # POST /models/apply jobs (api.gallery_jobs)

@@ -17,10 +17,11 @@ from localai_aio.errors import AuthenticationFailed, InvalidRequest, PayloadTooL
 
 access_log = logging.getLogger("localai_aio.access")
 
-#: Paths that answer without an API key: health probes and the API documentation.
-PUBLIC_PATHS = ("/healthz", "/readyz", "/swagger.json")
+#: Paths that answer without an API key: health probes, the API documentation and the web UI's page.
+PUBLIC_PATHS = ("/healthz", "/readyz", "/swagger.json", "/")
 # Generated images' 128-bit random names are the capability to fetch them, so links work in any client.
-PUBLIC_PREFIXES = ("/swagger/", "/generated-images/")
+# The web UI's static files are public too (it asks for a key once the API behind it answers 401).
+PUBLIC_PREFIXES = ("/swagger/", "/generated-images/", "/ui/assets/")
 
 #: Set on handlers whose body is a JSON object validated by a schema (see ``api.common.json_route``).
 EXPECTS_JSON = "__localai_expects_json__"

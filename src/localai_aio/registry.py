@@ -48,10 +48,12 @@ def usecases(cfg: ModelConfig) -> set[str]:
         return {u.lower() for u in cfg.known_usecases}
     backend = cfg.backend or infer_backend(cfg)
     if backend in {"llama-cpp", "ctransformers"}:
+        if backend == "llama-cpp" and str(cfg.option("pooling", "")).lower() == "rank":
+            return {"rerank"}  # a cross-encoder GGUF: its head scores pairs, it does not generate
         return {"chat", "completion"} | ({"embeddings"} if cfg.embeddings else set())
     return {
-        "onnx-embeddings": {"embeddings"}, "onnx-whisper": {"transcript"}, "piper": {"tts"},
-        "onnx-diffusion": {"image"},
+        "onnx-embeddings": {"embeddings"}, "onnx-rerank": {"rerank"}, "onnx-whisper": {"transcript"},
+        "piper": {"tts"}, "onnx-diffusion": {"image"},
     }.get(backend or "", set())
 
 

@@ -124,6 +124,10 @@ _ANTHROPIC_BLOCKS = {"items": {"anyOf": [
                     "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _ANTHROPIC_TEXT}]},
                     "is_error": {"type": "boolean"}}},
 ]}}
+# /v1/rerank's documents: texts, or objects holding one (Cohere's and Jina's {"text": ...})
+_DOCUMENTS = {"minItems": 1, "items": {"anyOf": [
+    {"type": "string"}, {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]}}
+
 _ANTHROPIC_PROMPT = {
     "model": {"type": "string"},
     "system": {"description": "A string or a list of text blocks"},
@@ -155,6 +159,7 @@ FIELD_OVERRIDES: dict[str, Any] = {
                                         validate=validate.Length(min=1)),
         "tool_choice": lambda: fields.Nested(lambda: definition_schema("anthropic.ToolChoice")()),
     }.items()},
+    "schema.JINARerankRequest.documents": lambda: OneOfTypes(list, shapes={list: _DOCUMENTS}),
     "anthropic.MessagesRequest.max_tokens": lambda: StrictInteger(validate=validate.Range(min=1)),
     "anthropic.MessagesRequest.temperature": lambda: StrictFloat(validate=validate.Range(0, 1)),
     "anthropic.MessagesRequest.top_p": lambda: StrictFloat(validate=validate.Range(0, 1)),
@@ -168,6 +173,7 @@ FIELD_DOCS: dict[str, dict[str, Any]] = {
     "schema.Message.role": {"enum": sorted(ROLES)},
     "schema.TTSRequest.input": {"minLength": 1, "pattern": r"\S"},  # speech needs some text
     "openai.ResponsesRequest.truncation": {"enum": ["disabled", "auto"]},
+    "schema.JINARerankRequest.top_n": {"minimum": 1},
     "openai.ResponsesRequest.max_output_tokens": {"minimum": 1},
     "openai.ResponsesRequest.temperature": {"minimum": 0, "maximum": 2},
     "openai.ResponsesRequest.top_p": {"minimum": 0, "maximum": 1},
@@ -199,6 +205,19 @@ EXTRA_DEFINITIONS: dict[str, Any] = {
         "type": "object", "required": ["tokens"],
         "properties": {"model": {"type": "string"},
                        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    },
+    # LocalAI's rerank body (Jina's API; its swagger calls it schema.JINARerankRequest), with Jina's and
+    # Cohere's return_documents and documents as {"text": ...} objects too
+    "schema.JINARerankRequest": {
+        "type": "object", "required": ["query", "documents"],
+        "properties": {
+            "model": {"type": "string"},
+            "query": {"type": "string", "description": "What the documents are ranked by"},
+            "documents": {"description": "The texts to rank: strings, or objects with a `text`"},
+            "top_n": {"type": "integer", "description": "Only the top_n most relevant (default: all)"},
+            "return_documents": {"type": "boolean", "description": "Give each result's text as "
+                                                                   "document.text (default true)"},
+        },
     },
     "openai.ResponsesRequest": {
         "type": "object", "required": ["input"],

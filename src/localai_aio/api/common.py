@@ -52,6 +52,7 @@ CANNOT = {
     "chat": "does not do chat completions", "completion": "does not do text completions",
     "embeddings": "does not make embeddings (a GGUF model needs `embeddings: true` in its config)",
     "tts": "does not make speech", "transcript": "does not transcribe audio", "image": "does not generate images",
+    "rerank": "does not rerank documents (a cross-encoder: backend onnx-rerank, or a GGUF with `pooling: rank`)",
 }
 
 

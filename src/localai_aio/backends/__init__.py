@@ -16,6 +16,7 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
     "llama-cpp": ("localai_aio.backends.llama_cpp", "llama"),
     "ctransformers": ("localai_aio.backends.ctransformers", "ctransformers"),
     "onnx-embeddings": ("localai_aio.backends.onnx_embeddings", "onnx"),
+    "onnx-rerank": ("localai_aio.backends.onnx_rerank", "onnx"),
     "piper": ("localai_aio.backends.piper_tts", "tts"),
     "onnx-diffusion": ("localai_aio.backends.onnx_diffusion", "diffusion"),
     "onnx-whisper": ("localai_aio.backends.onnx_whisper", "stt"),

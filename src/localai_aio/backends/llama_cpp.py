@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -32,10 +33,12 @@ import numpy as np
 from localai_aio.backends import gbnf
 from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, slots_for, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
-from localai_aio.errors import ServerBusy
+from localai_aio.errors import ContextLengthExceeded, NotImplementedForModel, ServerBusy
 from localai_aio.generation import EXTRA_SAMPLING, GenParams, SeqEnd, TokenStep, TokenStream, token_budget
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from localai_aio.config import ModelConfig, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -181,18 +184,21 @@ class LlamaCppEngine:
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not self._model:
             raise BackendError(f"llama.cpp could not load the file {path.name}")
-        self.embeddings = bool(cfg.embeddings)
+        self.ranks = self._ranks(cfg, path)  # a reranker: llama.cpp's rank pooling (see rerank)
+        self.embeddings = bool(cfg.embeddings) and not self.ranks
+        pooled = self.embeddings or self.ranks
         n_ctx = context_size_for(cfg, settings)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        # Pooled embeddings need a whole input in one micro-batch.
-        cparams.n_batch = cparams.n_ubatch = n_ctx if self.embeddings else min(BATCH_TOKENS, n_ctx)
-        cparams.n_seq_max = self.slots_total + (1 if self.embeddings else 0)
+        # Pooled embeddings (and rank scores) need a whole input in one micro-batch.
+        cparams.n_batch = cparams.n_ubatch = n_ctx if pooled else min(BATCH_TOKENS, n_ctx)
+        cparams.n_seq_max = self.slots_total + (1 if pooled else 0)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.kv_unified = True
         cparams.no_perf = True
-        if self.embeddings:
-            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        if pooled:
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_RANK if self.ranks else \
+                llama_cpp.LLAMA_POOLING_TYPE_MEAN
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -645,31 +651,125 @@ class LlamaCppEngine:
         """Mean-pooled, normalized embeddings, one input at a time in a sequence kept for them."""
         if not self.embeddings:
             raise BackendError(f"model {self.name!r} is not configured for embeddings (set `embeddings: true`)")
-        ll, batch, seq_id = self._ll, self._batch_for_embeddings(), self.slots_total
         out = np.zeros((len(token_lists), self.dimensions), dtype=np.float32)
-        ll.llama_set_embeddings(self._ctx, True)
+        self._ll.llama_set_embeddings(self._ctx, True)
         try:
             for row, tokens in enumerate(token_lists):
-                tokens = list(tokens)[: self.n_batch]
-                for i, token in enumerate(tokens):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
-                    batch.seq_id[i][0], batch.logits[i] = seq_id, True
-                batch.n_tokens = len(tokens)
-                code = ll.llama_decode(self._ctx, batch)
-                if code != 0:
-                    raise BackendError(f"llama.cpp could not embed an input (status {code})")
-                out[row] = np.ctypeslib.as_array(ll.llama_get_embeddings_seq(self._ctx, seq_id),
-                                                 shape=(self.dimensions,))
-                ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+                out[row] = self._pooled(list(tokens)[: self.n_batch], self.dimensions, "embed")
         finally:
-            ll.llama_set_embeddings(self._ctx, False)
+            self._ll.llama_set_embeddings(self._ctx, False)
         out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
         return out
+
+    def _pooled(self, tokens: Sequence[int], width: int, what: str) -> np.ndarray:
+        """One input decoded alone in the sequence kept for pooled outputs; its ``width`` pooled floats.
+        The sequence's cells are freed whatever happens, so a failed input leaves nothing behind."""
+        ll, batch, seq_id = self._ll, self._batch_for_embeddings(), self.slots_total
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0], batch.logits[i] = seq_id, True
+        batch.n_tokens = len(tokens)
+        try:
+            code = ll.llama_decode(self._ctx, batch)
+            pooled = ll.llama_get_embeddings_seq(self._ctx, seq_id) if code == 0 else None
+            if not pooled:
+                raise BackendError(f"llama.cpp could not {what} an input (status {code})")
+            return np.ctypeslib.as_array(pooled, shape=(width,)).copy()
+        finally:
+            ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
 
     def _batch_for_embeddings(self) -> Any:
         if getattr(self, "_embed_batch", None) is None:
             self._embed_batch = self._ll.llama_batch_init(self.n_batch, 0, 1)
         return self._embed_batch
+
+    # -- reranking (cross-encoders: llama.cpp's rank pooling) ---------------------------------------------
+
+    def _ranks(self, cfg: ModelConfig, path: Path) -> bool:
+        """Whether this model scores (query, document) pairs with llama.cpp's rank pooling: its YAML says
+        ``pooling: rank``, or says no ``pooling`` and the GGUF's ``<arch>.pooling_type`` is rank (4), as
+        llama.cpp's converter writes it for sequence-classification models. The file must hold a
+        classification head (``cls`` or ``cls.output``): without one, llama.cpp's rank graph quietly returns
+        the first token's hidden state, which is no score."""
+        wanted = cfg.option("pooling")
+        if wanted is None:
+            found = self._meta(f"{self.info.architecture}.pooling_type")
+            wanted = "rank" if found == str(self._ll.LLAMA_POOLING_TYPE_RANK) else None
+        if str(wanted).lower() != "rank":
+            return False
+        if not _has_rank_head(path):
+            self._ll.llama_model_free(self._model)
+            raise BackendError("rank pooling needs a classification head (cls.weight or cls.output.weight), "
+                               "which this GGUF does not have")
+        return True
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def rank_limit(self) -> int:
+        """Most tokens one pair may take: one micro-batch, and no more positions than the model was trained
+        with (BERT-style models have a table of positions and nothing past it)."""
+        trained = int(self._ll.llama_model_n_ctx_train(self._model))
+        return min(self.n_batch, trained) if trained > 0 else self.n_batch
+
+    def rank_tokens(self, query: str, document: str) -> list[int]:
+        """One pair as llama.cpp's server builds it (``format_prompt_rerank``): the GGUF's ``rerank``
+        template with ``{query}`` and ``{document}`` filled in, when it has one (Qwen3 rerankers); else
+        [BOS]query[EOS][SEP]document[EOS], each special token where the vocabulary adds it (``add_bos``,
+        ``add_eos``, ``add_sep``) and EOS falling back to SEP, as the server does. A pair longer than the
+        model takes is cut longest side first, as cross-encoders' tokenizers truncate; a template's prompt
+        cannot be cut without losing the part the score is read after, so it is refused."""
+        ll, vocab, limit = self._ll, self._vocab, self.rank_limit
+        template = ll.llama_model_chat_template(self._model, b"rerank")
+        if template:
+            fill = {"{query}": query, "{document}": document}  # one pass: a query's "{document}" stays text
+            prompt = re.sub(r"\{query\}|\{document\}", lambda m: fill[m.group(0)], template.decode("utf-8", "replace"))
+            tokens = self.tokenize(prompt, add_bos=False, special=True)
+            if len(tokens) > limit:
+                raise ContextLengthExceeded(f"A document and the query take {len(tokens)} tokens; this model "
+                                            f"takes {limit}", param="documents")
+            return tokens
+        eos = ll.llama_vocab_eos(vocab)
+        eos = eos if eos >= 0 else ll.llama_vocab_sep(vocab)
+        head = [ll.llama_vocab_bos(vocab)] if ll.llama_vocab_get_add_bos(vocab) else []
+        middle = ([eos] if ll.llama_vocab_get_add_eos(vocab) else []) + \
+            ([ll.llama_vocab_sep(vocab)] if ll.llama_vocab_get_add_sep(vocab) else [])
+        tail = [eos] if ll.llama_vocab_get_add_eos(vocab) else []
+        q, d = (self.tokenize(text, add_bos=False, special=False) for text in (query, document))
+        room = max(0, limit - len(head) - len(middle) - len(tail))
+        while len(q) + len(d) > room:
+            if len(q) > len(d):
+                q.pop()
+            else:
+                d.pop()
+        return head + q + middle + d + tail
+
+    def rerank(self, query: str, documents: Sequence[str]) -> list[tuple[float, int]]:
+        """Each document's relevance to the query in [0, 1], in order, with the tokens its pair took.
+
+        Rank pooling gives the classification head's raw output, a logit, which llama.cpp's server returns
+        as it is. Clients of /v1/rerank are written for Jina's and Cohere's APIs, whose relevance_score is
+        in [0, 1], as sentence-transformers' CrossEncoder and text-embeddings-inference give it for a
+        one-logit head: sigmoid(logit), which keeps the order and makes scores of different requests (and
+        of onnx-rerank) comparable. A head with several outputs scores with the last, as onnx-rerank does.
+        """
+        if not self.ranks:
+            raise NotImplementedForModel(f"Model '{self.name}' does not rerank: it has no rank pooling (a "
+                                         "cross-encoder GGUF needs `pooling: rank` in its config)", param="model")
+        pairs = [self.rank_tokens(query, document) for document in documents]
+        width = max(1, int(self._ll.llama_model_n_cls_out(self._model)))
+        logits = np.zeros(len(pairs), dtype=np.float64)
+        self._ll.llama_set_embeddings(self._ctx, True)
+        try:
+            for row, tokens in enumerate(pairs):
+                logits[row] = self._pooled(tokens, width, "score")[-1]
+        finally:
+            self._ll.llama_set_embeddings(self._ctx, False)
+        scores = 0.5 * (1.0 + np.tanh(logits / 2))  # sigmoid, without overflow for large logits
+        return [(float(score), len(tokens)) for score, tokens in zip(scores, pairs, strict=True)]
 
     def close(self) -> None:
         ll = self._ll
@@ -684,6 +784,13 @@ class LlamaCppEngine:
                 ll.llama_batch_free(batch)
         ll.llama_free(self._ctx)
         ll.llama_model_free(self._model)
+
+
+def _has_rank_head(path: Path) -> bool:
+    """Whether a GGUF holds a classification head, from its tensor names (llama.cpp has no call that says)."""
+    from gguf import GGUFReader
+
+    return any(t.name in ("cls.weight", "cls.output.weight") for t in GGUFReader(str(path)).tensors)
 
 
 def load(cfg: ModelConfig, settings: ServerSettings) -> LlamaCppEngine:

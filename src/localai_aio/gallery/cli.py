@@ -117,6 +117,7 @@ EXPORTS = {
     "feature-extraction": ("onnx-embeddings", "export_feature_extraction", "embeddings"),
     "whisper": ("onnx-whisper", "export_whisper", "transcript"),
     "text-to-image": ("onnx-diffusion", "export_text_to_image", "image"),
+    "text-classification": ("onnx-rerank", "export_text_classification", "rerank"),
 }
 
 

@@ -44,6 +44,17 @@ def export_feature_extraction(source: Path | str, out: Path) -> Path:
     return out
 
 
+def export_text_classification(source: Path | str, out: Path) -> Path:
+    """A cross-encoder (a ``...ForSequenceClassification`` folder: bge-reranker, ms-marco cross-encoders) ->
+    ``out/model.onnx`` giving ``logits`` [batch, labels] + tokenizer, for the ``onnx-rerank`` backend. The
+    library is named: a folder sentence-transformers can also read would otherwise be exported as an embedder."""
+    _optimum_export(source, out, "text-classification", library_name="transformers")
+    for name in ("model.onnx", "tokenizer.json"):
+        if not (out / name).is_file():
+            raise ExportError(f"optimum wrote no {name} for {source}")
+    return out
+
+
 def export_whisper(source: Path | str, out: Path) -> Path:
     """A transformers Whisper folder -> encoder, decoder, decoder-with-past and alignment ONNX models + tokenizer."""
     _optimum_export(source, out, "automatic-speech-recognition-with-past")

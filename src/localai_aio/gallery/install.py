@@ -332,6 +332,11 @@ def run_step(step: Mapping[str, Any], staged: Path) -> None:
         elif step.get("export") == "whisper":
             log.info("exporting %s to ONNX (this takes a while)", step["from"])
             export_whisper(source, target)
+        elif step.get("export") == "text-classification":  # a cross-encoder, for onnx-rerank
+            from localai_aio.gallery.export import export_text_classification
+
+            log.info("exporting %s to ONNX", step["from"])
+            export_text_classification(source, target)
         elif step.get("convert") == "ct2-whisper":
             from localai_aio.gallery.ct2_whisper import ConversionError, convert
 
