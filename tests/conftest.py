@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -74,6 +75,21 @@ def settings(tmp_path: Path, models_dir: Path) -> ServerSettings:
 @pytest.fixture
 async def client(aiohttp_client, settings: ServerSettings):  # noqa: ANN001
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A real PostgreSQL server for the whole session (skipped where its binaries are not installed)."""
+    from pg_server import postgres_server
+
+    with postgres_server(free_port()) as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres) -> str:  # noqa: ANN001
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres.create_database(f"t_{secrets.token_hex(6)}")
 
 
 @pytest.fixture

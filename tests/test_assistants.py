@@ -23,6 +23,18 @@ ASSISTANT_KEYS = {"id", "object", "created_at", "name", "description", "model", 
                   "file_ids", "metadata"}
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path):  # noqa: ANN201
+    """Every API test here runs on both stores: SQLite, and a real PostgreSQL server."""
+    from localai_aio.config import ServerSettings
+
+    base = ServerSettings(models_path=str(models_dir), config_dir=str(tmp_path / "data"), threads=1,
+                          context_size=256)
+    if request.param == "postgres":
+        return base.replace(database_url=request.getfixturevalue("database_url"))
+    return base
+
+
 async def create(client, **fields) -> dict:  # noqa: ANN001
     resp = await client.post(A, json={"model": MODEL, **fields})
     assert resp.status == 200, await resp.text()
@@ -167,7 +179,8 @@ async def test_upload_over_limit_is_413(make_client, tmp_path: Path) -> None:  #
                                               upload_limit=0.01))
     resp = await upload(client, b"x" * 20_000)
     assert resp.status == 413
-    assert [p.name for p in (tmp_path / "d" / "files").iterdir()] == []  # the partial upload is gone
+    leftovers = [p for p in (tmp_path / "d").rglob("*") if p.is_file() and not p.name.startswith("localai.db")]
+    assert leftovers == []  # the partial upload is gone
 
 
 async def test_assistant_files(client) -> None:  # noqa: ANN001
@@ -318,7 +331,7 @@ async def test_upload_opens_its_staging_file_once(client, monkeypatch) -> None: 
     real_open = Path.open
 
     def counting_open(self: Path, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if self.name.startswith(".upload-"):
+        if self.parent.name == ".staging":
             opened.append(args[0] if args else kwargs.get("mode", "r"))
         return real_open(self, *args, **kwargs)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_model_yaml
+from localai_aio import keys
 from localai_aio.api.images import remove_old_images
 from localai_aio.config import ServerSettings
 
@@ -119,8 +120,73 @@ async def test_url_images_are_served_and_cleaned_up(iclient) -> None:  # noqa: A
     assert [p.name for p in stored] == [path.rsplit("/", 1)[1]]
     old = time.time() - 7200
     os.utime(stored[0], (old, old))
-    assert remove_old_images(stored[0].parent, max_age=3600) == 1
+    assert remove_old_images(client.app[keys.BLOBS], max_age=3600) == 1
     assert (await client.get(path)).status == 404
+
+
+def sd_models(tmp_path: Path, tiny_sd: Path) -> Path:
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd, models / "tiny-sd")
+    write_model_yaml(models, "sd", backend="onnx-diffusion", step=1, size="64x64", parameters={"model": "tiny-sd"})
+    return models
+
+
+async def test_replicas_serve_each_others_images(make_client, tmp_path: Path, tiny_sd: Path) -> None:
+    """Two servers on one shared volume (--blob-url file://...): an image made by one is served by the other,
+    and either one's cleanup removes it for both."""
+    models = sd_models(tmp_path, tiny_sd)
+    shared = f"file://{tmp_path}/shared"
+    one, two = [await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / name),
+                                                 threads=1, blob_url=shared)) for name in ("one", "two")]
+    body = await (await one.post(IMAGES, json={"model": "sd", "prompt": "a cat"})).json()
+    path = "/generated-images/" + body["data"][0]["url"].rsplit("/", 1)[1]
+    first, second = await one.get(path), await two.get(path)
+    assert first.status == second.status == 200
+    assert await first.read() == await second.read()
+    assert [p.name for p in (tmp_path / "shared" / "generated-images").iterdir()] == [path.rsplit("/", 1)[1]]
+    assert not (tmp_path / "one" / "generated-images").exists()
+    assert remove_old_images(two.app[keys.BLOBS], max_age=3600, now_=time.time() + 7200) == 1
+    assert (await one.get(path)).status == 404
+
+
+async def test_images_in_s3_and_503_while_it_is_unreachable(make_client, tmp_path: Path, tiny_sd: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
+                            ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                            ("AWS_CONFIG_FILE", str(tmp_path / "absent")), ("AWS_EC2_METADATA_DISABLED", "true"),
+                            ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent"))):
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="images")
+        client = await make_client(ServerSettings(models_path=str(sd_models(tmp_path, tiny_sd)), threads=1,
+                                                  config_dir=str(tmp_path / "d"), blob_url="s3://images/pre"))
+        body = await (await client.post(IMAGES, json={"model": "sd", "prompt": "a cat"})).json()
+        name = body["data"][0]["url"].rsplit("/", 1)[1]
+        stored = s3.get_object(Bucket="images", Key=f"pre/generated-images/{name}")["Body"].read()
+        s3.close()
+        resp = await client.get(f"/generated-images/{name}")
+        assert resp.status == 200 and await resp.read() == stored
+        assert png_size(stored) == (64, 64)
+    finally:
+        server.stop()
+        server._server.server_close()  # stop() leaves the listening socket open
+    for resp in (await client.get(f"/generated-images/{name}"), await client.get(f"/generated-images/{'1' * 32}.png"),
+                 await client.post(IMAGES, json={"model": "sd", "prompt": "a cat"})):
+        assert resp.status == 503, await resp.text()
+        assert (await resp.json())["error"]["code"] == "storage_unavailable" and resp.headers["Retry-After"]
+    resp = await client.post(IMAGES, json={"model": "sd", "prompt": "a cat", "response_format": "b64_json"})
+    assert resp.status == 200  # what needs no storage still works
 
 
 @pytest.mark.parametrize(("body", "param", "status"), [

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +45,9 @@ from localai_aio.metrics import Metrics
 from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
 from localai_aio.runtime import run_blocking
+from localai_aio.store import blobs, open_store
+from localai_aio.store.base import StoreUnavailable
+from localai_aio.store.blobs import BlobUnavailable
 from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
@@ -70,13 +76,17 @@ async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    from localai_aio.store.sqlite import SQLiteStore
-
+    settings = app[keys.SETTINGS]
     executor = app[keys.EXECUTOR]
-    store = await run_blocking(executor, SQLiteStore, app[keys.SETTINGS].config_dir)
+    try:
+        app[keys.BLOBS] = blobs.from_url(settings.blob_url, Path(settings.config_dir))
+        store = await run_blocking(executor, open_store, settings, app[keys.BLOBS])
+    except (StoreUnavailable, BlobUnavailable, ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
     app[keys.STORE] = store
     yield
     await run_blocking(executor, store.close)
+    await run_blocking(executor, app[keys.BLOBS].close)
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -137,6 +147,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app[keys.BATCHERS] = {}
     app[keys.BACKENDS] = dict(default_backends() if backends is None else backends)
     app[keys.DRAINING] = asyncio.Event()
+    app[keys.REPLICA_ID] = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)

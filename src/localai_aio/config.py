@@ -65,6 +65,20 @@ def _base_url(value: str) -> str:
     return value
 
 
+def _database_url(value: str) -> str:
+    value = str(value).strip()
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// URL (or nothing, for SQLite under the config dir)")
+    return value
+
+
+def _blob_url(value: str) -> str:
+    value = str(value).strip().rstrip("/")
+    if value and not value.startswith(("file:///", "s3://")):
+        raise ValueError("expected file:///DIR or s3://BUCKET[/PREFIX] (or nothing, for the config dir)")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if str(value).lower() not in choices:
@@ -124,6 +138,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("config_dir", "data", str,
             "Directory for persistent state (assistants, files, generated content).",
             ("LOCALAI_CONFIG_DIR",), "DIR"),
+    Setting("database_url", "", _database_url,
+            "PostgreSQL for assistants, files' records and stored responses, shared by replicas "
+            "(postgresql://USER:PASSWORD@HOST/DB). Unset: SQLite under the config dir.",
+            ("LOCALAI_DATABASE_URL",), "URL"),
+    Setting("blob_url", "", _blob_url,
+            "Where uploaded files and generated images are kept: file:///DIR (a shared volume) or "
+            "s3://BUCKET/PREFIX (endpoint and credentials from the AWS_* environment). Unset: the config dir.",
+            ("LOCALAI_BLOB_URL",), "URL"),
+    Setting("background_lease", 30.0, _positive_float,
+            "Seconds a replica's claim on a background response lasts without renewal; if the replica dies, "
+            "the response is marked failed once its lease runs out.", ("LOCALAI_BACKGROUND_LEASE",), "SECONDS"),
     Setting("threads", max(1, os.cpu_count() or 1), _positive_int,
             "Default CPU threads per model instance (a model's YAML `threads` overrides it).",
             ("LOCALAI_THREADS",), "N"),
@@ -202,6 +227,9 @@ class ServerSettings:
     models_path: str = "models"
     api_keys: tuple[str, ...] = ()
     config_dir: str = "data"
+    database_url: str = ""
+    blob_url: str = ""
+    background_lease: float = 30.0
     threads: int = 1
     parallel: int = 4
     context_size: int = 2048

@@ -114,6 +114,18 @@ class ServerBusy(APIError):
         super().__init__(message, headers={"Retry-After": str(retry_after)}, **kwargs)
 
 
+class StorageUnavailable(APIError):
+    """The database or the blob store cannot be reached now; the client should retry after ``Retry-After``
+    seconds (the server keeps serving what needs neither)."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, **kwargs: Any):
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kwargs)
+
+
 class ModelLoadFailed(APIError):
     """A configured model could not be loaded (bad file, missing file, unusable backend)."""
 

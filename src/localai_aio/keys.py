@@ -25,3 +25,5 @@ RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)  # model reloads run one a
 DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: not ready, finishing what it has
 UI_ASSETS = web.AppKey("ui_assets", "UIAssets")  # the web UI's files, read once at start (api.ui)
 GALLERY_INSTALLS = web.AppKey("gallery_installs", "Installs")  # POST /models/apply jobs (api.gallery_jobs)
+BLOBS = web.AppKey("blobs", "BlobStore")  # uploaded files and generated images (store.blobs)
+REPLICA_ID = web.AppKey("replica_id", str)  # this process, as owner of background responses

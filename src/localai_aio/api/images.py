@@ -1,31 +1,31 @@
 """POST /v1/images/generations and the generated images it links to (GET /generated-images/<id>.png).
 
-Images are stored under ``<config dir>/generated-images/`` with names the server makes (32 hex digits)
-and removed once older than ``--generated-max-age``. Generation runs off the event loop and stops
-between denoising steps when the client leaves.
+Images are kept in the blob store (``generated-images/<name>``: under ``--config-dir`` unless
+``--blob-url`` says otherwise), so that every replica serves the images any of them made; names are
+made by the server (32 hex digits) and images are removed once older than ``--generated-max-age``.
+Generation runs off the event loop and stops between denoising steps when the client leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
-import os
 import re
 import secrets
 import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
 from localai_aio.api.common import json_route, now, resolve_model
-from localai_aio.errors import InvalidRequest, NotFound
+from localai_aio.errors import InvalidRequest, NotFound, StorageUnavailable
 from localai_aio.openapi import answers
 from localai_aio.runtime import CancelFlag, run_blocking
+from localai_aio.store.blobs import BlobNotFound, BlobStore, BlobUnavailable
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -33,33 +33,30 @@ routes = web.RouteTableDef()
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_IMAGES = 10
+PREFIX = "generated-images/"  # the images' keys in the blob store
+T = TypeVar("T")
 
 
-def images_dir(app: web.Application) -> Path:
-    return Path(app[keys.SETTINGS].config_dir) / "generated-images"
-
-
-def _save(folder: Path, data: bytes) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
+def _save(blobs: BlobStore, data: bytes) -> str:
     name = secrets.token_hex(16) + ".png"
-    staged = folder / f".{name}.tmp"
-    staged.write_bytes(data)
-    os.replace(staged, folder / name)
+    staged = blobs.staging_path()
+    try:
+        staged.write_bytes(data)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    blobs.put(PREFIX + name, staged)
     return name
 
 
-def remove_old_images(folder: Path, max_age: float, now_: float | None = None) -> int:
-    """Delete generated images older than ``max_age`` seconds; returns how many."""
-    if not folder.is_dir():
-        return 0
+def remove_old_images(blobs: BlobStore, max_age: float, now_: float | None = None) -> int:
+    """Delete generated images older than ``max_age`` seconds; returns how many. Every replica may run
+    this at once: deleting what another has just deleted is fine."""
     cutoff = (now_ or time.time()) - max_age
-    removed = 0
-    for path in folder.iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-    return removed
+    old = [info.key for info in blobs.list(PREFIX) if info.modified < cutoff]
+    for key in old:
+        blobs.delete(key)
+    return len(old)
 
 
 async def cleanup_loop(app: web.Application) -> None:
@@ -67,12 +64,23 @@ async def cleanup_loop(app: web.Application) -> None:
     while True:
         await asyncio.sleep(max(1.0, min(settings.generated_max_age / 4, 300)))
         try:
-            removed = await run_blocking(app[keys.EXECUTOR], remove_old_images, images_dir(app),
+            removed = await run_blocking(app[keys.EXECUTOR], remove_old_images, app[keys.BLOBS],
                                          settings.generated_max_age)
             if removed:
                 log.info("removed %d generated image(s) older than %g s", removed, settings.generated_max_age)
+        except BlobUnavailable as exc:  # tried again next round
+            log.warning("cleaning generated images failed: %s", exc)
         except OSError:
             log.exception("cleaning generated images failed")
+
+
+async def _with_blobs(app: web.Application, fn: Callable[..., T], *args: Any) -> T:
+    """Blob store work in the thread pool; the store out of reach is a 503 with ``Retry-After``."""
+    try:
+        return await run_blocking(app[keys.EXECUTOR], fn, *args)
+    except BlobUnavailable as exc:
+        log.warning("generated images: %s", exc)
+        raise StorageUnavailable("Image storage is unavailable; retry shortly") from None
 
 
 def _int(body: dict[str, Any], key: str, lo: int, hi: int | None) -> int | None:
@@ -119,7 +127,6 @@ async def generate_images(request: web.Request) -> web.Response:
     settings = request.app[keys.SETTINGS]
     default_size = str(cfg.option("size") or "512x512")
     width, height = parse_size(body.get("size"), default_size, settings.image_max_size)
-    executor = request.app[keys.EXECUTOR]
     started = time.perf_counter()
     async with request.app[keys.REGISTRY].acquire(cfg.name) as handle:
         try:
@@ -134,8 +141,7 @@ async def generate_images(request: web.Request) -> web.Response:
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     else:
-        folder = images_dir(request.app)
-        names = [await run_blocking(executor, _save, folder, png) for png in pngs]
+        names = [await _with_blobs(request.app, _save, request.app[keys.BLOBS], png) for png in pngs]
         base = public_base(request)
         data = [{"url": f"{base}/generated-images/{name}"} for name in names]
     return web.json_response({"created": now(), "data": data})
@@ -157,7 +163,10 @@ def public_base(request: web.Request) -> str:
       responses=answers(content_type="image/png"))
 async def generated_image(request: web.Request) -> web.FileResponse:
     name = request.match_info["name"]
-    path = images_dir(request.app) / name
-    if not IMAGE_NAME.match(name) or not await run_blocking(request.app[keys.EXECUTOR], path.is_file):
-        raise NotFound(f"No generated image named '{name}'")
+    try:
+        if not IMAGE_NAME.match(name):
+            raise BlobNotFound(name)
+        path = await _with_blobs(request.app, request.app[keys.BLOBS].fetch, PREFIX + name)
+    except BlobNotFound:
+        raise NotFound(f"No generated image named '{name}'") from None
     return web.FileResponse(path, headers={"Content-Type": "image/png"})

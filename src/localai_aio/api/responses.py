@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,13 +23,12 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.assistants import call_store, list_body, list_params
+from localai_aio.api.assistants import call_store, list_body, list_params, store_call
 from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob, prompt_fit
 from localai_aio.errors import APIError, InvalidRequest, NotFound, failure
 from localai_aio.openapi import answers
-from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
 from localai_aio.tools import ToolPlan
@@ -38,7 +38,11 @@ routes = web.RouteTableDef()
 ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
 FORMATS = ("text", "json_object", "json_schema")
+log = logging.getLogger(__name__)
+
 SAVE_EVERY = 1.0  # seconds between progress saves of a background response
+CANCEL_POLL = 0.25  # seconds between looks at a response being cancelled on another replica
+UNFINISHED = ("queued", "in_progress")
 
 
 def _id(prefix: str) -> str:
@@ -355,8 +359,8 @@ async def run(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper
 # -- routes -----------------------------------------------------------------------------------------------
 
 async def _save(app: web.Application, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
-                items: list[dict[str, Any]] | None = None) -> None:
-    await run_blocking(app[keys.EXECUTOR], app[keys.STORE].save_response, response, history, items)
+                items: list[dict[str, Any]] | None = None, **lease: Any) -> None:
+    await store_call(app, "save_response", response, history, items, **lease)
 
 
 @routes.post("/v1/responses")
@@ -380,13 +384,20 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     await run(request.app, job, plan, shaper)
     if store:
         await _save(request.app, shaper.response, shaper.history(parsed.messages), parsed.items)
-    return web.json_response(shaper.response)
+    return web.json_response(shaper.response, headers=_id_header(shaper))
+
+
+def _id_header(shaper: Shaper) -> dict[str, str]:
+    """The new response's id, for a balancer that routes its follow-ups (``previous_response_id``) to
+    this replica, whose prompt cache holds the conversation."""
+    return {"X-Response-Id": shaper.response["id"]}
 
 
 async def _stream(request: web.Request, job: TextJob, plan: ToolPlan, shaper: Shaper,
                   parsed: ResponseRequest) -> web.StreamResponse:
     app = request.app
     sse = EventStream(request, app[keys.SETTINGS].write_timeout)
+    sse.response.headers.update(_id_header(shaper))
 
     async def send(steps: list[dict[str, Any]]) -> None:
         for step in steps:
@@ -423,12 +434,13 @@ class Running:
 
 async def _start_background(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper,
                             parsed: ResponseRequest) -> web.Response:
-    await _save(app, shaper.response, parsed.messages, parsed.items)
+    await _save(app, shaper.response, parsed.messages, parsed.items, owner=app[keys.REPLICA_ID],
+                lease=app[keys.SETTINGS].background_lease)
     response_id = shaper.response["id"]
     running = app[keys.BACKGROUND][response_id] = Running()
     running.task = asyncio.ensure_future(_background(app, job, plan, shaper, parsed, running))
     running.task.add_done_callback(lambda _: app[keys.BACKGROUND].pop(response_id, None))
-    return web.json_response(shaper.snapshot())
+    return web.json_response(shaper.snapshot(), headers=_id_header(shaper))
 
 
 async def _background(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper,
@@ -464,14 +476,50 @@ async def _background(app: web.Application, job: TextJob, plan: ToolPlan, shaper
     await _save(app, shaper.snapshot(), shaper.history(parsed.messages))
 
 
+async def _keep_leases(app: web.Application) -> None:
+    """Renew this replica's leases on the background responses it runs, cancel those a cancel was asked
+    for on another replica, and fail those whose replica died (its lease ran out)."""
+    lease = app[keys.SETTINGS].background_lease
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            for response_id in await store_call(app, "renew_leases", app[keys.REPLICA_ID], lease):
+                running = app[keys.BACKGROUND].get(response_id)
+                if running is not None:
+                    await running.cancel()
+            await store_call(app, "expire_leases")
+        except APIError as err:  # the database is away for now: the next round tries again
+            log.warning("renewing background responses' leases failed: %s", err.message)
+
+
 @contextlib.asynccontextmanager
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.BACKGROUND] = {}
+    leases = asyncio.create_task(_keep_leases(app))
     yield
+    leases.cancel()
     tasks = [running.task for running in app[keys.BACKGROUND].values() if running.task is not None]
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(leases, *tasks, return_exceptions=True)
+
+
+async def _stop(request: web.Request, response_id: str) -> dict[str, Any]:
+    """Cancel a background response wherever it runs and wait until it has stopped; returns it. On
+    another replica, the cancel goes through the database and is seen at that replica's next renewal."""
+    running = request.app[keys.BACKGROUND].get(response_id)
+    if running is not None and running.task is not None and not running.task.done():
+        await running.cancel()
+        return await call_store(request, "get_response", response_id)
+    response = await call_store(request, "get_response", response_id)
+    if response.get("status") not in UNFINISHED:
+        return response
+    await call_store(request, "request_cancel", response_id)
+    deadline = time.monotonic() + request.app[keys.SETTINGS].background_lease * 2
+    while response.get("status") in UNFINISHED and time.monotonic() < deadline:
+        await asyncio.sleep(CANCEL_POLL)
+        response = await call_store(request, "get_response", response_id)
+    return response
 
 
 @routes.get("/v1/responses/{response_id}")
@@ -484,9 +532,7 @@ async def get_response(request: web.Request) -> web.Response:
 @docs(tags=["responses"], summary="Delete a stored response.", responses=answers("Deleted"))
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
-    running = request.app[keys.BACKGROUND].get(response_id)
-    if running is not None:
-        await running.cancel()
+    await _stop(request, response_id)  # else its replica's next save would write it back
     await call_store(request, "delete_response", response_id)
     return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
@@ -498,11 +544,7 @@ async def cancel_response(request: web.Request) -> web.Response:
     response = await call_store(request, "get_response", response_id)
     if not response.get("background"):
         raise InvalidRequest("Only background responses can be cancelled", param="response_id")
-    running = request.app[keys.BACKGROUND].get(response_id)
-    if running is not None and running.task is not None and not running.task.done():
-        await running.cancel()
-        response = await call_store(request, "get_response", response_id)
-    return web.json_response(response)
+    return web.json_response(await _stop(request, response_id))
 
 
 @routes.get("/v1/responses/{response_id}/input_items")

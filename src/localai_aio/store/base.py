@@ -1,8 +1,9 @@
-"""The persistent store behind assistants, files and stored responses: a small interface, so that another database
-(PostgreSQL for several replicas) can replace SQLite without touching the routes.
+"""The persistent store behind assistants, files and stored responses: a small interface with two
+databases behind it, SQLite (one process, the default) and PostgreSQL (several replicas share it).
 
 Records are plain dicts in the API's own shapes; the store assigns ids and timestamps. All methods
-are blocking and are called from the thread pool.
+are blocking and are called from the thread pool. Stored bytes (uploads) live in a blob store
+(``store.blobs``); a record is committed only once its bytes are durable.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ class StoreNotFound(LookupError):
         super().__init__(f"No {kind} found with id '{object_id}'")
         self.kind = kind
         self.object_id = object_id
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now (it is restarting, the network is down): worth a retry."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ class Store(Protocol):
 
     # responses (the Responses API): the response as returned, the conversation it ends, its input items
     def save_response(self, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
-                      input_items: list[dict[str, Any]] | None = None) -> None: ...
+                      input_items: list[dict[str, Any]] | None = None, *, owner: str | None = None,
+                      lease: float = 0.0) -> None:
+        """Insert or update; a new background response is inserted leased to ``owner`` for ``lease`` s."""
+        ...
 
     def get_response(self, response_id: str) -> dict[str, Any]: ...
 
@@ -61,6 +69,19 @@ class Store(Protocol):
                          before: str | None) -> Page: ...
 
     def delete_response(self, response_id: str) -> None: ...
+
+    # background responses: the replica running one holds a lease on it, renewed while it runs
+    def renew_leases(self, owner: str, lease: float) -> set[str]:
+        """Extend ``owner``'s leases; returns the ids of its responses whose cancellation was asked for."""
+        ...
+
+    def expire_leases(self) -> list[str]:
+        """Mark ``failed`` the unfinished responses whose lease ran out (their replica died)."""
+        ...
+
+    def request_cancel(self, response_id: str) -> None:
+        """Ask the replica running a background response to cancel it (it sees this when renewing)."""
+        ...
 
     # files
     def staging_path(self) -> Path:
