@@ -276,3 +276,23 @@ def test_s3_refusals_are_unavailable_not_missing(s3: tuple, tmp_path: Path, monk
     with pytest.raises(BlobUnavailable, match="credentials"):
         blobs.exists("files/file-x")
     blobs.close()
+
+
+async def test_files_api_keeps_uploads_in_s3(s3: tuple, make_client, tmp_path: Path) -> None:  # noqa: ANN001
+    """Through the API: the bytes of an upload go to the bucket (under the prefix), its content is served
+    from there, and a delete removes the object."""
+    import aiohttp
+
+    from localai_aio.config import ServerSettings
+
+    raw, bucket = s3
+    client = await make_client(ServerSettings(models_path=str(tmp_path / "none"), config_dir=str(tmp_path / "d"),
+                                              blob_url=f"s3://{bucket}/pre"))
+    form = aiohttp.FormData()
+    form.add_field("purpose", "assistants")
+    form.add_field("file", b"bytes in a bucket", filename="n.txt", content_type="text/plain")
+    made = await (await client.post("/v1/files", data=form)).json()
+    assert raw.get_object(Bucket=bucket, Key=f"pre/files/{made['id']}")["Body"].read() == b"bytes in a bucket"
+    assert await (await client.get(f"/v1/files/{made['id']}/content")).read() == b"bytes in a bucket"
+    assert (await client.delete(f"/v1/files/{made['id']}")).status == 200
+    assert raw.list_objects_v2(Bucket=bucket, Prefix="pre/files/").get("KeyCount") == 0
