@@ -47,6 +47,9 @@ def test_config_file_from_env_and_flag(tmp_path: Path) -> None:
     ({"address": "nohost"}, "invalid address from flag --address"),
     ({"threads": "-1"}, "invalid threads from flag --threads"),
     ({"log_format": "xml"}, "expected one of text, json"),
+    ({"database_url": "mysql://db/x"}, "invalid database_url from flag --database-url: expected a postgresql://"),
+    ({"blob_url": "ftp://host/x"}, "invalid blob_url .*expected file:///abs/dir or s3://bucket/prefix"),
+    ({"blob_url": "s3://bucket/a/../b"}, "the prefix must be path segments"),
 ])
 def test_invalid_values_name_the_setting(source: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -73,9 +73,10 @@ def _database_url(value: str) -> str:
 
 
 def _blob_url(value: str) -> str:
+    from localai_aio.store.blobs import parse_url
+
     value = str(value).strip().rstrip("/")
-    if value and not value.startswith(("file:///", "s3://")):
-        raise ValueError("expected file:///DIR or s3://BUCKET[/PREFIX] (or nothing, for the config dir)")
+    parse_url(value)
     return value
 
 

@@ -31,7 +31,7 @@ async def receive_upload(request: web.Request) -> tuple[dict[str, str], Path | N
     try:
         async for part in upload.parts():
             if part.name == "file" and staged is None:
-                staged = store.staging_path()
+                staged = await run_blocking(executor, store.staging_path)  # makes its folder
                 filename = part.filename or "upload"
                 out = await run_blocking(executor, staged.open, "wb")  # opened once, written chunk by chunk
                 try:

@@ -411,7 +411,10 @@ async def _stream(request: web.Request, job: TextJob, plan: ToolPlan, shaper: Sh
             await send(shaper.failed(error))
         return await sse.close() if error is not None else sse.response
     if shaper.response["store"]:
-        await _save(app, shaper.response, shaper.history(parsed.messages), parsed.items)
+        try:
+            await _save(app, shaper.response, shaper.history(parsed.messages), parsed.items)
+        except APIError as err:  # the answer is out already; only the log can say it was not stored
+            log.error("response %s was streamed but not stored: %s", shaper.response["id"], err.message)
     return await sse.close()
 
 

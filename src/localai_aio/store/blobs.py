@@ -95,12 +95,21 @@ class BlobStore(Protocol):
         ...
 
 
-def from_url(url: str | None, local_root: Path) -> BlobStore:
-    """'' or None -> LocalBlobs(local_root); 'file:///abs/dir' -> LocalBlobs(that dir); 's3://bucket/prefix'
-    -> S3Blobs(bucket, prefix, staging under local_root/'.blob-staging'). Anything else: ValueError with a
-    one-line message (also when boto3, which S3 needs, is not installed)."""
+@dataclass(frozen=True)
+class BlobLocation:
+    """What a blob URL names: a directory (``path``) or an S3 bucket and prefix."""
+
+    kind: str  # "local" or "s3"
+    path: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+
+def parse_url(url: str) -> BlobLocation | None:
+    """The one check of ``--blob-url`` (the settings call it, ``from_url`` uses it): None for '' (the config
+    dir); ValueError with a one-line message for anything but file:///abs/dir or s3://bucket[/prefix]."""
     if not url:
-        return LocalBlobs(local_root)
+        return None
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if parts.query or parts.fragment:
@@ -109,7 +118,7 @@ def from_url(url: str | None, local_root: Path) -> BlobStore:
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
             raise ValueError(f"blob URL {url!r}: a file URL names an absolute directory, file:///abs/dir")
-        return LocalBlobs(Path(path))
+        return BlobLocation("local", path=Path(path))
     if scheme == "s3":
         bucket = parts.netloc
         if not _BUCKET.match(bucket):
@@ -117,8 +126,21 @@ def from_url(url: str | None, local_root: Path) -> BlobStore:
         prefix = unquote(parts.path).strip("/")
         if prefix and not _valid_key(prefix):
             raise ValueError(f"blob URL {url!r}: the prefix must be path segments without '.', '..' or '//'")
-        return S3Blobs(bucket, prefix, local_root / ".blob-staging")
+        return BlobLocation("s3", bucket=bucket, prefix=prefix)
     raise ValueError(f"blob URL {url!r}: expected file:///abs/dir or s3://bucket/prefix")
+
+
+def from_url(url: str | None, local_root: Path) -> BlobStore:
+    """'' or None -> LocalBlobs(local_root); 'file:///abs/dir' -> LocalBlobs(that dir); 's3://bucket/prefix'
+    -> S3Blobs(bucket, prefix, staging under local_root/'.blob-staging'). A bad URL, or S3 without boto3:
+    ValueError with a one-line message."""
+    location = parse_url(url or "")
+    if location is None:
+        return LocalBlobs(local_root)
+    if location.kind == "local":
+        assert location.path is not None
+        return LocalBlobs(location.path)
+    return S3Blobs(location.bucket, location.prefix, local_root / ".blob-staging")
 
 
 def _valid_key(key: str) -> bool:
