@@ -450,6 +450,8 @@ def test_chat_stop_aborts_and_frees_the_model(browser, model_server: ServerProce
                                       "in ten chapters.", max_tokens="3000")
     browser.find_element("id", "chat-send").click()
     length = ANSWER + "?.querySelector('.content').textContent.length || 0"
+    # the first token comes after the prompt is computed, which takes a while on a busy machine
+    wait_for(lambda: browser.execute_script(length) > 0, 60, "the first token")
     polls = []
     while len(polls) < 4:  # the answer grows across polls: it is streamed
         time.sleep(0.25)

@@ -43,6 +43,7 @@ class _Cursor:
 
 class PostgresStore(SQLStore):
     FOR_UPDATE = " FOR UPDATE"
+    NOW = "extract(epoch from clock_timestamp())::double precision"
 
     def __init__(self, url: str, blobs: BlobStore, *, pool_size: int = 8, target_version: int | None = None):
         try:

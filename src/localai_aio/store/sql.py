@@ -35,6 +35,9 @@ def new_id(prefix: str) -> str:
 class SQLStore:
     #: appended to a SELECT whose row the transaction then updates
     FOR_UPDATE = ""
+    #: the database's clock in Unix seconds: leases are timed by it, so replicas on machines whose clocks
+    #: disagree still agree on when a lease ran out
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, blobs: BlobStore):
         self.blobs = blobs
@@ -136,10 +139,11 @@ class SQLStore:
                              (response["id"],)).fetchone()
             kept = json.dumps(history) if history is not None else (row["history"] if row else "[]")
             if row is None:
+                lease_until = f"{self.NOW} + ?" if owner else "?"
                 db.execute("INSERT INTO responses (id, created_at, status, body, history, owner, lease_until) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           f"VALUES (?, ?, ?, ?, ?, ?, {lease_until})",
                            (response["id"], int(response["created_at"]), response["status"], json.dumps(response),
-                            kept, owner, time.time() + lease if owner else None))
+                            kept, owner, lease if owner else None))
                 for item in input_items or []:
                     db.execute("INSERT INTO response_items (response_id, id, body) VALUES (?, ?, ?)",
                                (response["id"], item["id"], json.dumps(item)))
@@ -176,14 +180,14 @@ class SQLStore:
 
     def renew_leases(self, owner: str, lease: float) -> set[str]:
         with self._tx() as db:
-            db.execute("UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN (?, ?)",
-                       (time.time() + lease, owner, *UNFINISHED))
+            db.execute(f"UPDATE responses SET lease_until = {self.NOW} + ? WHERE owner = ? AND status IN (?, ?)",
+                       (lease, owner, *UNFINISHED))
         rows = self._query("SELECT id FROM responses WHERE owner = ? AND cancel_requested AND status IN (?, ?)",
                            (owner, *UNFINISHED))
         return {row["id"] for row in rows}
 
     def expire_leases(self) -> list[str]:
-        return self._fail_unfinished("lease_until IS NULL OR lease_until < ?", (time.time(),),
+        return self._fail_unfinished(f"lease_until IS NULL OR lease_until < {self.NOW}", (),
                                      "The server running the response stopped before it finished")
 
     def request_cancel(self, response_id: str) -> None:
