@@ -96,12 +96,21 @@ class SQLStore:
             rows.reverse()
         return rows, has_more
 
-    def _assistant(self, row: Any) -> dict[str, Any]:
-        body = json.loads(row["body"])
-        file_ids = [r["file_id"] for r in self._query(
-            "SELECT file_id FROM assistant_files WHERE assistant_id = ? ORDER BY seq", (row["id"],))]
-        return {"id": row["id"], "object": "assistant", "created_at": row["created_at"],
-                **{k: body.get(k) for k in ASSISTANT_FIELDS}, "file_ids": file_ids}
+    def _assistants(self, rows: list[Any]) -> list[dict[str, Any]]:
+        """Assistants with their file ids, in one query for the whole page (not one per assistant)."""
+        if not rows:
+            return []
+        links: dict[str, list[str]] = {row["id"]: [] for row in rows}
+        marks = ", ".join("?" * len(links))
+        for link in self._query(f"SELECT assistant_id, file_id FROM assistant_files WHERE assistant_id IN ({marks}) "
+                                "ORDER BY seq", tuple(links)):
+            links[link["assistant_id"]].append(link["file_id"])
+        made = []
+        for row in rows:
+            body = json.loads(row["body"])
+            made.append({"id": row["id"], "object": "assistant", "created_at": row["created_at"],
+                         **{k: body.get(k) for k in ASSISTANT_FIELDS}, "file_ids": links[row["id"]]})
+        return made
 
     @staticmethod
     def _file(row: Any) -> dict[str, Any]:
@@ -227,11 +236,11 @@ class SQLStore:
         rows = self._query("SELECT * FROM assistants WHERE id = ?", (assistant_id,))
         if not rows:
             raise StoreNotFound("assistant", assistant_id)
-        return self._assistant(rows[0])
+        return self._assistants(rows)[0]
 
     def list_assistants(self, *, limit: int, order: str, after: str | None, before: str | None) -> Page:
         rows, more = self._page("assistants", "1 = 1", (), limit=limit, order=order, after=after, before=before)
-        return Page([self._assistant(r) for r in rows], more)
+        return Page(self._assistants(rows), more)
 
     def update_assistant(self, assistant_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         with self._tx() as db:
