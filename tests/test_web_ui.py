@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -307,8 +309,12 @@ def open_page(driver: Any, server: ServerProcess, page: str) -> None:
 
 
 def screenshot(driver: Any, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOTS / name))
+    """Refresh the README's screenshots only when asked (LOCALAI_UPDATE_SCREENSHOTS=1): a test run leaves
+    the checkout as it found it. Otherwise the picture is still taken, so that taking it is tested."""
+    folder = SCREENSHOTS if os.environ.get("LOCALAI_UPDATE_SCREENSHOTS") == "1" else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(folder / name))
+    assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def severe_console_errors(driver: Any) -> list[str]:

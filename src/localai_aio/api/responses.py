@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SAVE_EVERY = 1.0  # seconds between progress saves of a background response
 CANCEL_POLL = 0.25  # seconds between looks at a response being cancelled on another replica
+CANCEL_CHECK = 1.0  # seconds between the running replica's looks for such cancels
 UNFINISHED = ("queued", "in_progress")
 
 
@@ -480,17 +481,23 @@ async def _background(app: web.Application, job: TextJob, plan: ToolPlan, shaper
 
 
 async def _keep_leases(app: web.Application) -> None:
-    """Renew this replica's leases on the background responses it runs, cancel those a cancel was asked
-    for on another replica, and fail those whose replica died (its lease ran out)."""
+    """Renew this replica's leases on the background responses it runs and cancel those a cancel was
+    asked for on another replica (every second while it runs any: a cancel is seen within a second), and
+    fail those whose replica died (their lease ran out)."""
     lease = app[keys.SETTINGS].background_lease
+    tick = min(CANCEL_CHECK, lease / 3)
+    expired_at = time.monotonic()
     while True:
-        await asyncio.sleep(lease / 3)
+        await asyncio.sleep(tick)
         try:
-            for response_id in await store_call(app, "renew_leases", app[keys.REPLICA_ID], lease):
-                running = app[keys.BACKGROUND].get(response_id)
-                if running is not None:
-                    await running.cancel()
-            await store_call(app, "expire_leases")
+            if app[keys.BACKGROUND]:
+                for response_id in await store_call(app, "renew_leases", app[keys.REPLICA_ID], lease):
+                    running = app[keys.BACKGROUND].get(response_id)
+                    if running is not None:
+                        await running.cancel()
+            if time.monotonic() - expired_at >= lease / 3:
+                expired_at = time.monotonic()
+                await store_call(app, "expire_leases")
         except APIError as err:  # the database is away for now: the next round tries again
             log.warning("renewing background responses' leases failed: %s", err.message)
 
@@ -518,7 +525,7 @@ async def _stop(request: web.Request, response_id: str) -> dict[str, Any]:
     if response.get("status") not in UNFINISHED:
         return response
     await call_store(request, "request_cancel", response_id)
-    deadline = time.monotonic() + request.app[keys.SETTINGS].background_lease * 2
+    deadline = time.monotonic() + CANCEL_CHECK + request.app[keys.SETTINGS].background_lease
     while response.get("status") in UNFINISHED and time.monotonic() < deadline:
         await asyncio.sleep(CANCEL_POLL)
         response = await call_store(request, "get_response", response_id)
