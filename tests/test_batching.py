@@ -233,8 +233,9 @@ async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path,
     write_model_yaml(models, "g", backend="llama-cpp", embeddings=True, context_size=512,
                      parameters={"model": "t.gguf"})
     write_model_yaml(models, "e", backend="onnx-embeddings", parameters={"model": "standin"})
+    # idle long enough that a slow machine does not unload (and reload on a new thread) between rounds
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
-                                              idle_timeout=0.3))
+                                              idle_timeout=2))
     for _ in range(3):
         requests = [
             client.post(CHAT, json={"model": "g", "messages": HI, "max_tokens": 4}),
@@ -251,7 +252,7 @@ async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path,
         resp = await client.post(COMPLETIONS, json={"model": "g", "prompt": [HELLO], "max_tokens": 400, "stream": True})
         await resp.content.readline()
         resp.close()  # cancellation
-    for _ in range(100):  # idle unload closes both engines
+    for _ in range(400):  # idle unload closes both engines
         report = await (await client.get("/metrics")).text()
         if "localai_loaded_models 0.0" in report:
             break
