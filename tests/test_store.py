@@ -254,3 +254,14 @@ def test_postgres_outage_is_unavailable_then_recovers(request: pytest.FixtureReq
                 time.sleep(0.5)
         finally:
             store.close()
+
+
+def test_postgres_start_failure_names_the_server_without_its_password() -> None:
+    from conftest import free_port
+    from localai_aio.store.postgres import PostgresStore
+
+    pytest.importorskip("psycopg")
+    url = f"postgresql://app:s3cret@127.0.0.1:{free_port()}/db"
+    with pytest.raises(StoreUnavailable, match=r"cannot connect to PostgreSQL at postgresql://app:\*\*\*@127") as err:
+        PostgresStore(url, LocalBlobs(Path("/nonexistent")), start_timeout=1)
+    assert "s3cret" not in str(err.value)

@@ -45,7 +45,8 @@ class PostgresStore(SQLStore):
     FOR_UPDATE = " FOR UPDATE"
     NOW = "extract(epoch from clock_timestamp())::double precision"
 
-    def __init__(self, url: str, blobs: BlobStore, *, pool_size: int = 8, target_version: int | None = None):
+    def __init__(self, url: str, blobs: BlobStore, *, pool_size: int = 8, target_version: int | None = None,
+                 start_timeout: float = 30.0):
         try:
             import psycopg
             from psycopg.rows import dict_row
@@ -59,7 +60,7 @@ class PostgresStore(SQLStore):
                                     kwargs={"row_factory": dict_row, "autocommit": True,
                                             "connect_timeout": int(CONNECT_TIMEOUT)})
         try:
-            self._pool.open(wait=True, timeout=30)
+            self._pool.open(wait=True, timeout=start_timeout)
         except self._unavailable as exc:
             self._pool.close()
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {_safe(url)}: {exc}") from None
@@ -110,6 +111,7 @@ def _safe(url: str) -> str:
     """The URL without its password, for messages."""
     scheme, _, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
-    if not at:
+    user, colon, _ = credentials.partition(":")
+    if not at or not colon:
         return url
-    return f"{scheme}://{credentials.partition(':')[0]}:***@{host}"
+    return f"{scheme}://{user}:***@{host}"
