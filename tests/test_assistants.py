@@ -24,15 +24,11 @@ ASSISTANT_KEYS = {"id", "object", "created_at", "name", "description", "model", 
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path):  # noqa: ANN201
-    """Every API test here runs on both stores: SQLite, and a real PostgreSQL server."""
-    from localai_aio.config import ServerSettings
-
-    base = ServerSettings(models_path=str(models_dir), config_dir=str(tmp_path / "data"), threads=1,
-                          context_size=256)
+def settings(request: pytest.FixtureRequest, settings):  # noqa: ANN001, ANN201
+    """Every API test here runs on both stores: SQLite (conftest's settings), and a real PostgreSQL server."""
     if request.param == "postgres":
-        return base.replace(database_url=request.getfixturevalue("database_url"))
-    return base
+        return settings.replace(database_url=request.getfixturevalue("database_url"))
+    return settings
 
 
 async def create(client, **fields) -> dict:  # noqa: ANN001

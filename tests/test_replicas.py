@@ -290,7 +290,7 @@ def test_a_database_outage_is_503_for_storage_only_and_heals(cluster: Cluster) -
             status, answer, headers = call(cluster.lb + path, method, body)
             assert status == 503, (path, answer)
             assert answer["error"]["code"] == "storage_unavailable", (path, answer, headers)
-            assert answer["error"]["code"] == "storage_unavailable" and int(headers["Retry-After"]) > 0
+            assert int(headers["Retry-After"]) > 0
         status, chat, _ = call(cluster.lb + "/v1/chat/completions", "POST",
                                {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
         assert status == 200 and chat["choices"][0]["finish_reason"] == "length"  # inference goes on

@@ -103,27 +103,28 @@ class NotImplementedForModel(APIError):
     code = "unsupported_for_model"
 
 
-class ServerBusy(APIError):
-    """Too many requests are waiting; the client should retry after ``Retry-After`` seconds."""
+class RetryLater(APIError):
+    """A 503 the client should retry after ``Retry-After`` seconds (``retry_after``, else the class's)."""
 
     status = 503
     type = "server_error"
+    retry_after = 1
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **kwargs: Any):
+        super().__init__(message, headers={"Retry-After": str(retry_after or self.retry_after)}, **kwargs)
+
+
+class ServerBusy(RetryLater):
+    """Too many requests are waiting."""
+
     code = "server_overloaded"
 
-    def __init__(self, message: str, *, retry_after: int = 1, **kwargs: Any):
-        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kwargs)
 
+class StorageUnavailable(RetryLater):
+    """The database or the blob store cannot be reached now (the server keeps serving what needs neither)."""
 
-class StorageUnavailable(APIError):
-    """The database or the blob store cannot be reached now; the client should retry after ``Retry-After``
-    seconds (the server keeps serving what needs neither)."""
-
-    status = 503
-    type = "server_error"
     code = "storage_unavailable"
-
-    def __init__(self, message: str, *, retry_after: int = 5, **kwargs: Any):
-        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kwargs)
+    retry_after = 5
 
 
 class ModelLoadFailed(APIError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -10,16 +9,12 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.common import json_route, registry
-from localai_aio.errors import InvalidRequest, NotFound, StorageUnavailable
+from localai_aio.api.common import json_route, registry, storage_call
+from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.openapi import answers
-from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
-from localai_aio.store.base import Page, StoreNotFound, StoreUnavailable
-from localai_aio.store.blobs import BlobUnavailable
+from localai_aio.store.base import Page, StoreNotFound
 from localai_aio.tools import check_schema
-
-log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
@@ -32,16 +27,11 @@ FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 async def store_call(app: web.Application, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Run a store method in the thread pool; a missing object is a 404 naming it, a database or blob
-    store out of reach a 503 with ``Retry-After``."""
-    store = app[keys.STORE]
+    """Run a store method off the event loop (``storage_call``); a missing object is a 404 naming it."""
     try:
-        return await run_blocking(app[keys.EXECUTOR], getattr(store, method), *args, **kwargs)
+        return await storage_call(app, getattr(app[keys.STORE], method), *args, **kwargs)
     except StoreNotFound as exc:
         raise NotFound(str(exc), param=f"{exc.kind}_id" if exc.kind != "file" else "file_id") from None
-    except (StoreUnavailable, BlobUnavailable) as exc:
-        log.warning("storage unavailable: %s", exc)
-        raise StorageUnavailable("Storage is unavailable; retry shortly") from None
 
 
 async def call_store(request: web.Request, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -1,11 +1,12 @@
-"""What every API family shares: schema-validated JSON routes, model resolution, ids."""
+"""What every API family shares: schema-validated JSON routes, model resolution, storage calls, ids."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema
@@ -13,12 +14,18 @@ from marshmallow import Schema
 
 from localai_aio import keys, openapi
 from localai_aio.config import ModelConfig
-from localai_aio.errors import InvalidRequest, NotImplementedForModel
+from localai_aio.errors import InvalidRequest, NotImplementedForModel, StorageUnavailable
 from localai_aio.middlewares import EXPECTS_JSON
 from localai_aio.registry import ModelRegistry
+from localai_aio.runtime import run_blocking
 from localai_aio.schemas import body_schema, route_summary
+from localai_aio.store.base import StoreUnavailable
+from localai_aio.store.blobs import BlobUnavailable
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Any]
+T = TypeVar("T")
 
 
 def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Schema] | None = None,
@@ -68,6 +75,16 @@ def resolve_model(request: web.Request, name: Any, usecase: str) -> ModelConfig:
     if usecase not in reg.usecases(cfg) and not cfg.error:  # a broken config gets its own clear load error
         raise NotImplementedForModel(f"Model '{cfg.name}' {CANNOT[usecase]}", param="model")
     return cfg
+
+
+async def storage_call(app: web.Application, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run database or blob store work in the thread pool; either one out of reach is a 503 with
+    ``Retry-After``, never a 500."""
+    try:
+        return await run_blocking(app[keys.EXECUTOR], fn, *args, **kwargs)
+    except (StoreUnavailable, BlobUnavailable) as exc:
+        log.warning("storage unavailable: %s", exc)
+        raise StorageUnavailable("Storage is unavailable; retry shortly") from None
 
 
 def new_id(prefix: str) -> str:

@@ -14,15 +14,14 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
-from localai_aio.api.common import json_route, now, resolve_model
-from localai_aio.errors import InvalidRequest, NotFound, StorageUnavailable
+from localai_aio.api.common import json_route, now, resolve_model, storage_call
+from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.openapi import answers
 from localai_aio.runtime import CancelFlag, run_blocking
 from localai_aio.store.blobs import BlobNotFound, BlobStore, BlobUnavailable
@@ -34,7 +33,6 @@ IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_IMAGES = 10
 PREFIX = "generated-images/"  # the images' keys in the blob store
-T = TypeVar("T")
 
 
 def _save(blobs: BlobStore, data: bytes) -> str:
@@ -72,15 +70,6 @@ async def cleanup_loop(app: web.Application) -> None:
             log.warning("cleaning generated images failed: %s", exc)
         except OSError:
             log.exception("cleaning generated images failed")
-
-
-async def _with_blobs(app: web.Application, fn: Callable[..., T], *args: Any) -> T:
-    """Blob store work in the thread pool; the store out of reach is a 503 with ``Retry-After``."""
-    try:
-        return await run_blocking(app[keys.EXECUTOR], fn, *args)
-    except BlobUnavailable as exc:
-        log.warning("generated images: %s", exc)
-        raise StorageUnavailable("Image storage is unavailable; retry shortly") from None
 
 
 def _int(body: dict[str, Any], key: str, lo: int, hi: int | None) -> int | None:
@@ -141,7 +130,7 @@ async def generate_images(request: web.Request) -> web.Response:
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     else:
-        names = [await _with_blobs(request.app, _save, request.app[keys.BLOBS], png) for png in pngs]
+        names = [await storage_call(request.app, _save, request.app[keys.BLOBS], png) for png in pngs]
         base = public_base(request)
         data = [{"url": f"{base}/generated-images/{name}"} for name in names]
     return web.json_response({"created": now(), "data": data})
@@ -166,7 +155,7 @@ async def generated_image(request: web.Request) -> web.FileResponse:
     try:
         if not IMAGE_NAME.match(name):
             raise BlobNotFound(name)
-        path = await _with_blobs(request.app, request.app[keys.BLOBS].fetch, PREFIX + name)
+        path = await storage_call(request.app, request.app[keys.BLOBS].fetch, PREFIX + name)
     except BlobNotFound:
         raise NotFound(f"No generated image named '{name}'") from None
     return web.FileResponse(path, headers={"Content-Type": "image/png"})
