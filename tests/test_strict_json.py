@@ -13,8 +13,8 @@ import pytest
 
 from conftest import write_model_yaml
 from localai_aio.config import ServerSettings
-from localai_aio.tools import schema_to_gbnf
-from tiny_models import write_tiny_gguf
+from localai_aio.tools import schema_grammar
+from tiny_models import vocabulary, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
 
@@ -48,10 +48,30 @@ async def flat_client(make_client, tmp_path: Path):  # noqa: ANN001
     return await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
 
 
-def test_strings_exclude_control_characters() -> None:
-    grammar = schema_to_gbnf({"type": "object", "properties": {"s": {"type": "string"}}}, "response_format")
-    char = next(line for line in grammar.splitlines() if line.startswith("char ::= "))
-    assert char.startswith(r"char ::= [\x20-\x21\x23-\x5B\x5D-\x7E\x80-\uD7FF\uE000-\U0010FFFF] | ")
+def test_strings_exclude_control_characters(tmp_path: Path) -> None:
+    """A string's raw text may not hold a control character, nor a byte that is not UTF-8; its escape
+    may. Checked token by token on a vocabulary with every byte."""
+    from localai_aio.backends.llama_cpp import load
+    from localai_aio.config import load_model_configs
+
+    write_tiny_gguf(tmp_path / "t.gguf")
+    write_model_yaml(tmp_path, "t", backend="llama-cpp", context_size=256, parameters={"model": "t.gguf"})
+    engine = load(load_model_configs(tmp_path)[0]["t"], ServerSettings(models_path=str(tmp_path)))
+    try:
+        grammar = schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+
+        pieces = vocabulary()[0]
+
+        def accepted(text: bytes) -> bool:
+            matcher = engine.grammars.matcher(grammar)
+            tokens = [pieces.index(f"<0x{b:02X}>") for b in text]  # byte by byte
+            return matcher.validate_tokens(tokens) == len(tokens)
+
+        assert accepted(b'{"s": "a\\n\\u0001b"}')
+        for bad in (b"\n", b"\x01", b"\x1f", b"\xc0\x80", b"\xed\xa0\x80", b"\xf5"):
+            assert not accepted(b'{"s": "a' + bad), bad
+    finally:
+        engine.close()
 
 
 async def test_sampled_strict_answers_all_parse_and_validate(flat_client) -> None:  # noqa: ANN001

@@ -96,12 +96,12 @@ def test_streamed_text_holds_back_only_what_may_open_a_call() -> None:
 def test_grammars_lazy_for_markers_and_forced_when_required() -> None:
     plan = plan_tools({"tools": [TIME]}, {})
     grammar, trigger = plan.constraint(HERMES)
-    assert trigger == "<tool_call>" and grammar.startswith("root ::= tool-after\n")
+    assert trigger == "<tool_call>" and grammar.startswith("%llguidance {}\nstart: tool_after\n")
     required = plan_tools({"tools": [TIME], "tool_choice": "required"}, {})
     grammar, trigger = required.constraint(MISTRAL)
-    assert trigger is None and grammar.startswith('root ::= "[TOOL_CALLS]" tool-after\n')
+    assert trigger is None and grammar.startswith('%llguidance {}\nstart: "[TOOL_CALLS]" tool_after\n')
     grammar, trigger = plan.constraint(LLAMA3)
-    assert trigger is None and '"\\"parameters\\""' in grammar and "free-text" in grammar
+    assert trigger is None and '"required": ["name", "parameters"]' in grammar and "FREE_TEXT" in grammar
 
 
 def test_earlier_calls_reach_native_templates_as_objects() -> None:

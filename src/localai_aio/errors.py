@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from localai_aio import keys
+from localai_aio.backends.base import ConstraintError
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,21 @@ class InternalError(APIError):
     code = "internal_error"
 
 
+def from_engine(exc: BaseException) -> APIError | None:
+    """The API error an engine's error means to the client, or None for a failure that is a bug."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ConstraintError):
+        return InvalidRequest(str(exc), param=exc.param, code="constraint_unsatisfiable")
+    return None
+
+
 def failure(exc: BaseException, what: str, request_id: str | None) -> APIError:
     """What a client is told of ``exc`` once its answer has started: an API error as it is; anything
     else is logged here, with the request id, and told only that generation failed."""
-    if isinstance(exc, APIError):
-        return exc
+    known = from_engine(exc)
+    if known is not None:
+        return known
     log.error("%s failed (request id %s)", what, request_id, exc_info=exc)
     return InternalError("Generation failed")
 
@@ -211,6 +222,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), dialect=dialect)
+    except ConstraintError as exc:
+        return error_response(from_engine(exc), request.get(keys.REQUEST_ID), dialect=dialect)
     except Exception:
         rid = request.get(keys.REQUEST_ID)
         log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)

@@ -36,7 +36,8 @@ class GenParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; N >= 0: the chosen token plus N alternatives
-    grammar: str | None = None
+    grammar: str | None = None  # llguidance Lark, or llama.cpp GBNF
+    grammar_param: str = "grammar"  # the request field the grammar comes from, for its errors
     grammar_trigger: str | None = None  # the grammar applies only once the output has this text (lazy)
     shown_tokens: tuple[str, ...] = ()  # special tokens written out as text (a tool format's markers)
     ignore_eos: bool = False
@@ -228,7 +229,7 @@ def check_capabilities(engine: TextEngine, params: GenParams, backend: str) -> N
                 "use a model with `backend: llama-cpp`", param="grammar")
         problem = engine.check_grammar(params.grammar)
         if problem:
-            raise InvalidRequest(f"Invalid grammar: {problem}", param="grammar")
+            raise InvalidRequest(f"Invalid grammar: {problem}", param=params.grammar_param)
     if params.logprobs is not None and not engine.supports_logprobs:
         raise NotImplementedForModel(f"The '{backend}' backend does not report logprobs", param="logprobs")
     for name in asked_sampling(params):
@@ -351,7 +352,8 @@ def parse_stop(value: Any, extra: Sequence[str] = ()) -> tuple[str, ...]:
 
 
 def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwords: Sequence[str] = (),
-                 logprobs: int | None = None, grammar: str | None = None) -> GenParams:
+                 logprobs: int | None = None, grammar: str | None = None,
+                 grammar_param: str = "grammar") -> GenParams:
     """Model YAML ``parameters`` give the defaults; the request overrides them."""
     merged = {**{k: v for k, v in defaults.items() if v is not None},
               **{k: v for k, v in body.items() if v is not None}}
@@ -375,6 +377,7 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
         stop=parse_stop(body.get("stop", defaults.get("stop")), stopwords),
         logprobs=logprobs,
         grammar=grammar,
+        grammar_param=grammar_param,
         ignore_eos=bool(merged.get("ignore_eos", False)),
         logit_bias=_logit_bias(merged.get("logit_bias")),
         typical_p=float(_number(merged, "typical_p", base.typical_p)),

@@ -25,9 +25,10 @@ from typing import Any
 
 from localai_aio.reasoning import partial_suffix
 
-# Whitespace between markup and JSON: bounded, so a grammar never lets a model loop on blanks.
-WS_GBNF = 'tool-ws ::= [ \\t\\n]{0,3}'
-FREE_TEXT_GBNF = 'free-text ::= [^{[ \\t\\n] [^\\x00]*'
+# Grammar rules in llguidance's Lark dialect. Whitespace between markup and JSON is bounded, so a grammar
+# never lets a model loop on blanks; free text is anything that does not open a JSON call.
+WS_RULE = r"TOOL_WS: /[ \t\n]{0,3}/"
+FREE_TEXT_RULE = r"FREE_TEXT: /[^{\[ \t\n](.|\n)*/"
 ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -49,24 +50,25 @@ class ToolFormat:
     # -- the constraint -----------------------------------------------------------------------------------
 
     def grammar(self, call: str, *, parallel: bool, required: bool) -> tuple[str, str | None]:
-        """The GBNF grammar for calls made of the ``tool-call`` rules in ``call``, and the trigger: the
-        text after which it applies (None: from the first token). ``required`` forces a call; otherwise
-        the model may answer in text instead (before the opener, or by its first character)."""
+        """The grammar for calls made of the ``tool_call`` rule in ``call``, and the trigger: the text
+        after which it applies (None: from the first token). ``required`` forces a call; otherwise the
+        model may answer in text instead (before the opener, or by its first character)."""
         several = parallel and self.parallel
-        rules = f"{call}\n{WS_GBNF}\n"
+        rules = f"{call}\n{WS_RULE}\n"
         if self.opener is None:
-            calls = 'tool-call | "[" tool-ws tool-call (tool-ws "," tool-ws tool-call)* tool-ws "]"' \
-                if several else "tool-call"
-            root = "tool-calls" if required else "tool-calls | free-text"
-            return f"root ::= {root}\ntool-calls ::= {calls}\n{rules}{FREE_TEXT_GBNF}\n", None
+            calls = 'tool_call | "[" TOOL_WS tool_call (TOOL_WS "," TOOL_WS tool_call)* TOOL_WS "]"' \
+                if several else "tool_call"
+            start = "tool_calls" if required else "tool_calls | FREE_TEXT"
+            return f"%llguidance {{}}\nstart: {start}\ntool_calls: {calls}\n{rules}{FREE_TEXT_RULE}\n", None
         if self.array:
-            more = '(tool-ws "," tool-ws tool-call)*' if several else ""
-            after = f'tool-ws "[" tool-ws tool-call {more} tool-ws "]"'
+            more = '(TOOL_WS "," TOOL_WS tool_call)*' if several else ""
+            after = f'TOOL_WS "[" TOOL_WS tool_call {more} TOOL_WS "]"'
         else:
-            one = f'tool-ws tool-call tool-ws {_literal(self.closer or "")}'
-            after = f"{one} (tool-ws {_literal(self.opener)} {one})*" if several else one
-        root = f"{_literal(self.opener)} tool-after" if required else "tool-after"
-        return f"root ::= {root}\ntool-after ::= {after}\n{rules}", None if required else self.opener
+            one = f'TOOL_WS tool_call TOOL_WS {_literal(self.closer or "")}'
+            after = f"{one} (TOOL_WS {_literal(self.opener)} {one})*" if several else one
+        start = f"{_literal(self.opener)} tool_after" if required else "tool_after"
+        return f"%llguidance {{}}\nstart: {start}\ntool_after: {after}\n{rules}", \
+            None if required else self.opener
 
     # -- the answer ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
 """Function calling and structured output: request fields -> a validated plan and its grammar.
 
-The output is constrained with a llama.cpp GBNF grammar built from JSON schemas, so a call the model
-makes always parses and matches the tool's parameters:
+The output is constrained with a grammar in llguidance's Lark dialect whose JSON parts are the request's
+JSON schemas themselves (``%json {...}``), compiled by llguidance's own JSON schema compiler: a
+``pattern`` is matched against the string's value, not its escaped text, strings never hold raw control
+characters, and a schema no answer can satisfy is refused before generation. So a call the model makes
+always parses and matches the tool's parameters:
 - tool calls are written in the model's own format (``tool_formats``: Hermes/Qwen, Mistral, Llama 3.x,
   or the generic JSON answer); the grammar for that format is built once the chat template is known;
 - ``tool_choice: "auto"`` lets the model answer in text until it starts a call; ``"required"`` or a
@@ -18,8 +21,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from localai_aio.errors import InvalidRequest, NotImplementedForModel
-from localai_aio.tool_formats import GENERIC, ToolFormat
+from localai_aio.errors import InvalidRequest
+from localai_aio.tool_formats import ToolFormat
 
 MAX_TOOLS = 128
 
@@ -29,6 +32,7 @@ class ToolPlan:
     """What a chat request asks for, after validation."""
 
     grammar: str | None = None  # response_format / grammar fields: the whole answer's constraint
+    grammar_param: str = "grammar"  # the request field the constraint comes from (named in its errors)
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool definitions offered to the model (for the prompt)
     calls_expected: bool = False  # the output may (auto) or must (required) be parsed into tool calls
     required: bool = False
@@ -44,7 +48,7 @@ class ToolPlan:
             return self.grammar, None
         if not self.constrain:
             return None, None
-        return fmt.grammar(call_rules(self.callable_json, fmt.key), parallel=self.parallel, required=self.required)
+        return fmt.grammar(call_rule(self.callable_json, fmt.key), parallel=self.parallel, required=self.required)
 
 
 def check_schema(schema: Any, param: str) -> None:
@@ -59,28 +63,32 @@ def check_schema(schema: Any, param: str) -> None:
         raise InvalidRequest(f"Invalid JSON schema in '{param}': {exc.message}", param=param) from None
 
 
-def schema_to_gbnf(schema: Mapping[str, Any], param: str) -> str:
-    try:
-        from localai_aio.json_grammar import schema_grammar
-    except ImportError:
-        raise NotImplementedForModel("Constrained output (tools, response_format, grammars) needs the llama-cpp "
-                                     "engine: pip install 'localai-aio[llama]'", param=param) from None
-    try:
-        return schema_grammar(json.loads(json.dumps(schema)))  # a copy: the converter resolves refs in place
-    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
-        # the converter asserts on schemas it does not know, such as an object of unknown keywords
-        raise InvalidRequest(f"Cannot turn the JSON schema in '{param}' into a grammar: {exc}", param=param) from None
+#: How llguidance writes JSON for every schema here: one canonical layout (``{"a": 1, "b": [2, 3]}``), so
+#: a model can never spend its tokens on blanks between values, and keywords llguidance cannot enforce are
+#: refused, never silently ignored: a strict answer is one that validates.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+
+
+def json_value(schema: Mapping[str, Any]) -> str:
+    """The Lark body (``%json {...}``) of one JSON value matching ``schema``."""
+    options = {**JSON_OPTIONS, **schema.get("x-guidance", {})} if isinstance(schema.get("x-guidance"), dict) \
+        else JSON_OPTIONS
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
+
+
+def schema_grammar(schema: Mapping[str, Any]) -> str:
+    """A grammar whose whole answer is one JSON value matching ``schema``."""
+    return f"%llguidance {{}}\nstart: {json_value(schema)}\n"
 
 
 @lru_cache(maxsize=64)
-def call_rules(functions_json: str, key: str, param: str = "tools") -> str:
-    """GBNF for one call object of the given functions, its start rule named ``tool-call`` (cached:
-    an agent offers the same tools on every turn)."""
+def call_rule(functions_json: str, key: str) -> str:
+    """The ``tool_call`` rule: one call object of the given functions (cached: an agent offers the same
+    tools on every turn)."""
     functions = json.loads(functions_json)
     one = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
             "required": ["name", key]} for f in functions]
-    schema = one[0] if len(one) == 1 else {"anyOf": one}
-    return schema_to_gbnf(schema, param).replace("root ::=", "tool-call ::=", 1)
+    return "tool_call: " + json_value(one[0] if len(one) == 1 else {"anyOf": one})
 
 
 def _function_of(tool: Any, where: str) -> dict[str, Any]:
@@ -120,10 +128,9 @@ def plan_tools(body: Mapping[str, Any], function_cfg: Mapping[str, Any]) -> Tool
                 and not legacy and chosen is None
             required = mode == "required"
             callable_json = json.dumps(selected, sort_keys=True)
-            call_rules(callable_json, GENERIC.key, where)  # a schema that cannot be a grammar fails the request now
             constrain = not grammar_cfg.get("disable") and (required or grammar_cfg.get("mixed_mode", True))
-            return ToolPlan(None, offered, True, required, legacy, frozenset(names), callable_json, parallel,
-                            bool(constrain))
+            return ToolPlan(None, where, offered, True, required, legacy, frozenset(names), callable_json,
+                            parallel, bool(constrain))
     elif choice not in (None, "none", "auto"):
         raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
 
@@ -133,10 +140,10 @@ def plan_tools(body: Mapping[str, Any], function_cfg: Mapping[str, Any]) -> Tool
             raise InvalidRequest("Invalid value for 'grammar_json_functions': must be an object",
                                  param="grammar_json_functions")
         check_schema(structure, "grammar_json_functions")
-        return ToolPlan(schema_to_gbnf(structure, "grammar_json_functions"), calls_expected=True)
+        return ToolPlan(schema_grammar(structure), "grammar_json_functions", calls_expected=True)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        return ToolPlan(_response_format_grammar(fmt))
+        return ToolPlan(*_response_format_grammar(fmt))
     if isinstance(fmt, str) and fmt not in ("text",):
         raise InvalidRequest("Invalid value for 'response_format': expected an object such as "
                              '{"type": "json_object"}', param="response_format")
@@ -161,10 +168,11 @@ def _tool_choice(choice: Any, names: set[str], legacy: bool) -> tuple[str, str |
                          param=param)
 
 
-def _response_format_grammar(fmt: Mapping[str, Any]) -> str:
+def _response_format_grammar(fmt: Mapping[str, Any]) -> tuple[str, str]:
+    """The grammar of a ``response_format`` and the field it comes from."""
     kind = fmt.get("type")
     if kind == "json_object":
-        return schema_to_gbnf({"type": "object"}, "response_format")
+        return schema_grammar({"type": "object"}), "response_format"
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -172,7 +180,7 @@ def _response_format_grammar(fmt: Mapping[str, Any]) -> str:
                                  param="response_format.json_schema")
         schema = spec.get("schema", {"type": "object"})
         check_schema(schema, "response_format.json_schema.schema")
-        return schema_to_gbnf(schema, "response_format.json_schema.schema")
+        return schema_grammar(schema), "response_format.json_schema.schema"
     raise InvalidRequest(f"Invalid value for 'response_format.type': {kind!r} (expected text, json_object or "
                          "json_schema)", param="response_format.type")
 

@@ -235,7 +235,7 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
     logprobs = chat_logprobs(body)
     plan = plan_tools(body, cfg.function)
     params = parse_params(body, sampling_defaults(cfg), stopwords=cfg.stopwords, logprobs=logprobs,
-                          grammar=plan.grammar)
+                          grammar=plan.grammar, grammar_param=plan.grammar_param)
 
     def build(engine: TextEngine) -> list[list[int]]:
         info = engine.info
@@ -244,7 +244,8 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
             job.tool_format = detect(source)
             grammar, trigger = plan.constraint(job.tool_format)
             markers = tuple(m for m in (job.tool_format.opener, job.tool_format.closer) if m)
-            job.params = replace(job.params, grammar=grammar, grammar_trigger=trigger, shown_tokens=markers)
+            job.params = replace(job.params, grammar=grammar, grammar_param=plan.grammar_param,
+                                 grammar_trigger=trigger, shown_tokens=markers)
         shaped = _messages_for_template(messages, plan, source)
         text = render_chat(source, shaped, bos_token=info.token_text(info.bos_id),
                            eos_token=info.token_text(info.eos_id),

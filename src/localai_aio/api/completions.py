@@ -113,10 +113,9 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("'best_of' other than 1 is not supported", param="best_of")
     logprobs = _logprobs(body)
-    grammar = plan_tools({"grammar": body.get("grammar"), "response_format": body.get("response_format")},
-                         {}).grammar
+    plan = plan_tools({"grammar": body.get("grammar"), "response_format": body.get("response_format")}, {})
     params = parse_params(body, sampling_defaults(cfg), stopwords=cfg.stopwords, logprobs=logprobs,
-                          grammar=grammar)
+                          grammar=plan.grammar, grammar_param=plan.grammar_param)
 
     echo_texts: list[str] = []
 

@@ -23,6 +23,15 @@ class BackendError(Exception):
     """A backend cannot load or run a model; the message is shown to the client."""
 
 
+class ConstraintError(BackendError):
+    """A request's output constraint cannot be compiled, or no token can continue it. ``param`` names
+    the request field the constraint came from; the request fails, the engine goes on."""
+
+    def __init__(self, message: str, param: str = "grammar"):
+        super().__init__(message)
+        self.param = param
+
+
 class Engine(Protocol):
     """One loaded model instance. ``close`` releases its memory."""
 

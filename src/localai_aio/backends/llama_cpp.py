@@ -4,8 +4,9 @@ Shaped after llama.cpp's own server. One context holds one copy of the weights a
 slots (KV sequences) in a unified cache of ``context_size`` cells. A loop on the engine's own thread
 (see ``runtime.EngineThread``) builds one batch per step: the next token of every generating slot plus
 chunks of waiting prompts, so a long prompt never stalls the running streams for more than a chunk.
-After the decode each slot samples with its own sampler chain (grammar, penalties, top-k, top-p,
-min-p, temperature, seed); greedy slots without constraints take the arg-max directly.
+After the decode each slot samples with its own sampler chain (penalties, top-k, top-p, min-p,
+temperature, seed); greedy slots take the arg-max directly. A grammar is checked on the token drawn,
+through llguidance (see ``constraint``), never as a link of the chain.
 
 Prompt cache: when a request finishes, its slot's cells are copied to host memory (llama.cpp's
 sequence state, bounded by ``prompt_cache_mb``) and freed, as llama.cpp's server does with its RAM
@@ -31,7 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localai_aio.backends import gbnf
-from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, slots_for, threads_for
+from localai_aio.backends.base import (
+    BackendError,
+    ConstraintError,
+    context_size_for,
+    require_file,
+    scrub,
+    slots_for,
+    threads_for,
+)
+from localai_aio.backends.constraint import Grammars, allowed, is_lark
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.errors import ContextLengthExceeded, NotImplementedForModel, ServerBusy
 from localai_aio.generation import EXTRA_SAMPLING, GenParams, SeqEnd, TokenStep, TokenStream, token_budget
@@ -114,7 +124,7 @@ class _Seq:
     """One choice of one request, from the queue to its end."""
 
     __slots__ = ("stream", "index", "prompt", "params", "budget", "slot", "pending", "next_token", "sampler",
-                 "count", "cached", "row", "admitted", "awaiting", "tail", "shown", "partial")
+                 "matcher", "count", "cached", "row", "admitted", "awaiting", "tail", "shown")
 
     def __init__(self, stream: TokenStream, index: int, prompt: list[int], params: GenParams, budget: int):
         self.stream = stream
@@ -126,6 +136,7 @@ class _Seq:
         self.pending: list[int] = []  # prompt tokens still to decode
         self.next_token: int | None = None  # sampled, decoded in the next step
         self.sampler: Any = None
+        self.matcher: Any = None  # the grammar's llguidance matcher, once the grammar applies
         self.count = 0
         self.cached = 0
         self.row = -1  # the batch row whose logits this choice samples after a decode
@@ -134,23 +145,6 @@ class _Seq:
         self.awaiting = params.grammar_trigger.encode("utf-8") if params.grammar_trigger else None
         self.tail = b""
         self.shown: dict[int, bytes] = {}  # special tokens this request writes out as text
-        self.partial = b""  # the output's last character while its UTF-8 bytes are incomplete
-
-
-# UTF-8: bytes no text holds, and the second bytes allowed after leads that restrict them (no overlong
-# forms, no surrogates, nothing past U+10FFFF).
-NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
-SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
-
-
-def _incomplete_utf8(data: bytes) -> bytes:
-    """The bytes at the end of ``data`` that start a character not yet complete."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte < 0x80 or byte >= 0xC0:  # ASCII or a lead byte: the last character starts here
-            size = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if byte >= 0xF0 else 1
-            return data[-back:] if back < size else b""
-    return b""
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -211,7 +205,8 @@ class LlamaCppEngine:
         self._eog = {t for t in (llama_cpp.llama_vocab_eos(self._vocab), self.info.eos_id)
                      if t is not None and t >= 0}
         self._pieces: dict[int, bytes] = {}
-        self._utf8_masks: tuple[np.ndarray, dict[int, np.ndarray]] | None = None  # see _keep_utf8
+        self.grammars = Grammars(self._grammar_tokenizer, self.n_vocab)
+        self._candidates: np.ndarray | None = None  # see _draw
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(self.slots_total)]
         self._saved: list[_Saved] = []
@@ -260,9 +255,18 @@ class LlamaCppEngine:
         return token in self._eog or bool(self._ll.llama_vocab_is_eog(self._vocab, token))
 
     def check_grammar(self, grammar: str) -> str | None:
-        """None when llama.cpp accepts the GBNF grammar, else why not: the syntax is checked first
-        (llama.cpp would only print that to stderr), then llama.cpp's own judgement, from the messages it
-        logs on this thread."""
+        """None when the grammar can constrain this model's output, else why not. Compiles it (kept for
+        the request): call it off the decode thread. GBNF is first judged as llama.cpp judges it, so
+        the grammars LocalAI's users write are accepted and refused as llama.cpp's server does."""
+        if not is_lark(grammar):
+            problem = self._gbnf_problem(grammar)
+            if problem:
+                return problem
+        return self.grammars.check(grammar)
+
+    def _gbnf_problem(self, grammar: str) -> str | None:
+        """The syntax is checked first (llama.cpp would only print that to stderr), then llama.cpp's own
+        judgement, from the messages it logs on this thread. Parsing never samples, so it cannot abort."""
         problem = gbnf.syntax_error(grammar)
         if problem:
             return problem
@@ -275,6 +279,27 @@ class LlamaCppEngine:
             self._ll.llama_sampler_free(sampler)
             return None
         return logged[0] if logged else "llama.cpp could not parse the grammar"
+
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's view of the vocabulary: each token's bytes, control tokens marked special (so no
+        grammar spells them by accident) and every end-of-generation token as an end. Tokens a vocabulary
+        merely defines (a tool format's ``<tool_call>``) stay text, as llama.cpp's grammar saw them."""
+        from llguidance import LLTokenizer
+
+        ll, vocab = self._ll, self._vocab
+        buf = ctypes.create_string_buffer(16 * 1024)
+        pieces, ends = [], []
+        for token in range(self.n_vocab):
+            n = ll.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[:max(n, 0)]
+            if ll.llama_vocab_get_attr(vocab, token) & ll.LLAMA_TOKEN_ATTR_CONTROL:
+                piece = b"\xff" + piece
+            pieces.append(piece)
+            if self.is_eog(token):
+                ends.append(token)
+        tokenize = ctypes.cast(ll.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        return LLTokenizer.from_llamacpp(tokens=pieces, vocab_ptr=vocab, tokenize_fptr=tokenize,
+                                         eos_token=ends or list(self._eog), slices=None)
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -393,7 +418,9 @@ class LlamaCppEngine:
         seq.pending = prompt[keep:]
         seq.cached = keep
         seq.admitted = time.monotonic()
-        seq.sampler = self._sampler_for(seq.params, constrained=seq.awaiting is None)
+        seq.sampler = self._sampler_for(seq.params)
+        if seq.params.grammar is not None and seq.awaiting is None:
+            seq.matcher = self.grammars.matcher(seq.params.grammar, seq.params.grammar_param)
         seq.shown = self._special_pieces(seq.params.shown_tokens)
         self.stats["cached_tokens"] += keep
         self._active.append(seq)
@@ -452,12 +479,13 @@ class LlamaCppEngine:
     def _sample(self, rows: list[_Seq]) -> None:
         ll = self._ll
         for seq in rows:
-            if seq.sampler is None:
-                logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
-                token = int(logits.argmax())
+            if seq.matcher is not None:
+                token = self._constrained(seq)
+                if token is None:
+                    continue
+            elif seq.sampler is None:
+                token = int(self._logits(seq).argmax())
             else:
-                if seq.params.grammar is not None and seq.awaiting is None:
-                    self._keep_utf8(seq)
                 token = ll.llama_sampler_sample(seq.sampler, self._ctx, seq.row)
             if self.is_eog(token) and not seq.params.ignore_eos:
                 self._end(seq, "stop")
@@ -465,42 +493,101 @@ class LlamaCppEngine:
             seq.count += 1
             self.stats["generated_tokens"] += 1
             piece = seq.shown.get(token) or self.token_bytes(token)
-            seq.partial = _incomplete_utf8(seq.partial + piece)
             seq.stream.push(seq.index, self._step_for(seq, token, piece))
-            if seq.awaiting is not None:
-                self._watch_trigger(seq, token, piece)
+            if seq.awaiting is not None and not self._watch_trigger(seq, piece):
+                continue
             if seq.count >= seq.budget:
                 self._end(seq, "length")
             else:
                 seq.next_token = token
 
-    def _watch_trigger(self, seq: _Seq, token: int, piece: bytes) -> None:
-        """A lazy grammar starts once the output has its trigger (a tool call's opening marker): the
-        sampler is built again with the grammar, which holds the rest of the output from here on.
+    def _logits(self, seq: _Seq) -> np.ndarray:
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
 
-        The trigger is looked for here, in Python, rather than by llama.cpp's own lazy grammar: its
-        patterns are run over the whole output on every token, and text after the trigger in the same
-        token that the grammar refuses would end the process. When such text follows the trigger, the
-        output stays free and the answer's parser judges it.
+    def _constrained(self, seq: _Seq) -> int | None:
+        """The next token of a choice held by a grammar, or None when the choice ended here.
+
+        Sample first, then ask the matcher about that one token; only a refused token costs the mask of
+        the whole vocabulary and a second draw among the allowed tokens. A grammar that allows no token
+        at all ends the request with an error; the engine and every other request go on.
+        """
+        matcher = seq.matcher
+        if matcher.is_error():  # e.g. no text of this vocabulary can start the grammar
+            self._refuse(seq, matcher.get_error())
+            return None
+        if matcher.is_stopped():  # complete: nothing may follow
+            self._end(seq, "stop")
+            return None
+        logits = self._logits(seq)
+        token = self._draw(seq, logits)
+        if matcher.validate_tokens([token]) != 1:
+            mask = allowed(matcher, self.n_vocab)
+            if matcher.is_error() or not mask.any():
+                self._refuse(seq, matcher.get_error())
+                return None
+            logits[~mask] = -np.inf
+            token = self._draw(seq, logits)
+        if seq.sampler is not None:
+            self._ll.llama_sampler_accept(seq.sampler, token)
+        if not matcher.consume_token(token):
+            self._refuse(seq, matcher.get_error() or "the grammar refused the next token")
+            return None
+        return token
+
+    def _draw(self, seq: _Seq, logits: np.ndarray) -> int:
+        """A token from ``logits`` through the choice's sampler chain, without telling the chain (the
+        grammar may refuse it): llama.cpp's candidate array over numpy's memory, sampled in place."""
+        if seq.sampler is None:
+            return int(logits.argmax())
+        ll = self._ll
+        if self._candidates is None:
+            self._candidates = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        candidates = self._candidates
+        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), self.n_vocab, -1, False)
+        ll.llama_sampler_apply(seq.sampler, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def _refuse(self, seq: _Seq, why: str) -> None:
+        """End a request whose constraint cannot go on: its client gets the reason, its slot is freed."""
+        log.info("%s: a request's constraint stopped: %s", self.name, why)
+        reason = why.replace("<non-verbose/>", "").strip()
+        if not reason or reason == "NoExtensionBias":  # llguidance's name for "no token can follow"
+            reason = "no token of this model's vocabulary can continue the output"
+        seq.stream.fail(ConstraintError(f"The output constraint cannot be continued: {reason}",
+                                        seq.params.grammar_param))
+        self._release(seq, keep_cache=False)
+
+    def _watch_trigger(self, seq: _Seq, piece: bytes) -> bool:
+        """A lazy grammar starts once the output has its trigger (a tool call's opening marker): from
+        there on a matcher holds the rest of the output. False when the choice ended here.
+
+        The trigger is looked for here, in Python: text after the trigger in the same token belongs to
+        no grammar, so then the output stays free and the answer's parser judges it.
         """
         trigger = seq.awaiting
         seq.tail = (seq.tail + piece)[-(len(trigger) + 16):]
         at = seq.tail.find(trigger)
         if at < 0:
-            return
+            return True
         seq.awaiting = None
         if seq.tail[at + len(trigger):].strip():
-            return
-        history = seq.slot.tokens[len(seq.prompt):] + [token] if seq.slot is not None else [token]
-        if seq.sampler:
-            self._ll.llama_sampler_free(seq.sampler)
-        seq.sampler = self._sampler_for(seq.params, constrained=True, history=history)
+            return True
+        try:
+            seq.matcher = self.grammars.matcher(seq.params.grammar, seq.params.grammar_param)
+        except ConstraintError as exc:
+            seq.stream.fail(exc)
+            self._release(seq, keep_cache=False)
+            return False
+        return True
 
     def _step_for(self, seq: _Seq, token: int, piece: bytes) -> TokenStep:
         top_n = seq.params.logprobs
         if top_n is None:
             return TokenStep(token, piece)
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
+        logits = self._logits(seq)
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         top: tuple[tuple[bytes, float], ...] = ()
@@ -527,6 +614,7 @@ class LlamaCppEngine:
         if seq.sampler:
             self._ll.llama_sampler_free(seq.sampler)
             seq.sampler = None
+        seq.matcher = None
 
     def _save(self, slot: _Slot) -> None:
         """Copy a finished slot's cells to host memory (least recently used copies go first)."""
@@ -563,36 +651,13 @@ class LlamaCppEngine:
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def _keep_utf8(self, seq: _Seq) -> None:
-        """Take out of a grammar's choice the tokens that would make the output bytes that are not UTF-8.
-
-        llama.cpp's grammar reads a character's lead byte by its high bits alone, so it lets through
-        bytes no UTF-8 text holds (0xC0, 0xC1, 0xF5-0xFF) and overlong or surrogate sequences, which a
-        client decodes as U+FFFD: a string would change, and break its schema's length. Those tokens'
-        logits are set to -inf before the chain samples.
-        """
-        if self._utf8_masks is None:
-            first = np.array([(self.token_bytes(t) or b"\0")[0] for t in range(self.n_vocab)])
-            never = [t for t in range(self.n_vocab) if not NOT_UTF8.isdisjoint(self.token_bytes(t))]
-            after = {lead: np.flatnonzero((first >= 0x80) & (first <= 0xBF) & ((first < low) | (first > high)))
-                     for lead, (low, high) in SECOND_BYTE.items()}
-            self._utf8_masks = (np.array(never, dtype=np.int64), after)
-        never, after = self._utf8_masks
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, seq.row), shape=(self.n_vocab,))
-        logits[never] = -np.inf
-        if len(seq.partial) == 1 and seq.partial[0] in after:
-            logits[after[seq.partial[0]]] = -np.inf
-
-    def _sampler_for(self, params: GenParams, *, constrained: bool = True, history: Sequence[int] = ()) -> Any:
+    def _sampler_for(self, params: GenParams) -> Any:
         """A llama.cpp sampler chain in llama-cpp-python's order, or None for plain greedy decoding (the
-        arg-max of the logits, without building the candidate list of the whole vocabulary). A lazy
-        grammar's chain is built without it (``constrained``) and again with it once triggered; the
-        penalties then get the tokens generated so far (``history``) to look back over."""
+        arg-max of the logits, without building the candidate list of the whole vocabulary)."""
         ll = self._ll
         penalties = (params.repeat_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
         greedy = params.temperature <= 0
-        grammar_text = params.grammar if constrained else None
-        if greedy and not penalties and grammar_text is None and not params.logit_bias:
+        if greedy and not penalties and not params.logit_bias:
             return None
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if params.logit_bias:
@@ -601,17 +666,8 @@ class LlamaCppEngine:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if penalties:
             last_n = self.n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, self.n_ctx)
-            penalty = ll.llama_sampler_init_penalties(
-                self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
-            for token in history:
-                ll.llama_sampler_accept(penalty, token)
-            ll.llama_sampler_chain_add(chain, penalty)
-        if grammar_text is not None:
-            grammar = ll.llama_sampler_init_grammar(self._vocab, grammar_text.encode("utf-8"), b"root")
-            if not grammar:
-                ll.llama_sampler_free(chain)
-                raise BackendError("llama.cpp could not parse the grammar")
-            ll.llama_sampler_chain_add(chain, grammar)
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
         if greedy:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
         elif params.mirostat:  # Mirostat steers perplexity itself, in place of top-k, top-p and min-p
