@@ -1,13 +1,16 @@
 """Safe by default: the Host allowlist without keys, the Origin check on state-changing requests, admin and
-user keys."""
+user keys, and each key's assistants, files and stored responses kept to itself (on SQLite and on a real
+PostgreSQL server)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from conftest import write_model_yaml
 from localai_aio import keys
 from localai_aio.access import AccessPolicy
 from localai_aio.cli import build_parser
@@ -234,3 +237,143 @@ def test_settings_from_flags_and_environment() -> None:
     assert (s.admin_api_keys, s.allowed_hosts) == (("x",), ("h",))
     assert load_settings({}, {}).cross_origins == ()  # no other site's page by default
     assert load_settings({"cors": True}, {}).cross_origins == ("*",)  # --cors alone: any, as before
+
+
+# -- each key's data ---------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def owners(make, store_kind: str, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
+    """Two user keys and an admin key, on SQLite or on a real PostgreSQL server."""
+    extra = {"database_url": request.getfixturevalue("database_url")} if store_kind == "postgres" else {}
+    return await make(api_keys=(USER_A, USER_B), admin_api_keys=(ADMIN,), **extra)
+
+
+async def ok(resp: aiohttp.ClientResponse) -> dict:
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def not_found(resp: aiohttp.ClientResponse, object_id: str) -> None:
+    assert resp.status == 404, await resp.text()
+    err = error_of(await resp.json())
+    assert err["code"] == "not_found" and object_id in err["message"]
+
+
+async def test_files_are_their_makers(owners) -> None:  # noqa: ANN001
+    mine = await ok(await upload(owners, USER_A, b"a's secret"))
+    theirs = await ok(await upload(owners, USER_B, b"b's notes"))
+    listed = await ok(await owners.get("/v1/files", headers=bearer(USER_B)))
+    assert [f["id"] for f in listed["data"]] == [theirs["id"]]
+    # another user's cursor is no cursor: it reveals nothing either
+    after = await ok(await owners.get("/v1/files", params={"after": mine["id"], "order": "asc"},
+                                      headers=bearer(USER_B)))
+    assert [f["id"] for f in after["data"]] == [theirs["id"]]
+    for method, path in (("GET", f"/v1/files/{mine['id']}"), ("GET", f"/v1/files/{mine['id']}/content"),
+                         ("DELETE", f"/v1/files/{mine['id']}")):
+        await not_found(await owners.request(method, path, headers=bearer(USER_B)), mine["id"])
+    assert await ok(await owners.get(f"/v1/files/{mine['id']}", headers=bearer(USER_A))) == mine
+    content = await owners.get(f"/v1/files/{mine['id']}/content", headers=bearer(USER_A))
+    assert await content.read() == b"a's secret"
+    every = await ok(await owners.get("/v1/files", headers=bearer(ADMIN)))
+    assert [f["id"] for f in every["data"]] == [theirs["id"], mine["id"]]
+    content = await owners.get(f"/v1/files/{theirs['id']}/content", headers=bearer(ADMIN))
+    assert await content.read() == b"b's notes"
+    await ok(await owners.delete(f"/v1/files/{theirs['id']}", headers=bearer(ADMIN)))
+    await ok(await owners.delete(f"/v1/files/{mine['id']}", headers=bearer(USER_A)))
+    assert (await ok(await owners.get("/v1/files", headers=bearer(ADMIN))))["data"] == []
+
+
+async def test_assistants_are_their_makers(owners) -> None:  # noqa: ANN001
+    a_file = await ok(await upload(owners, USER_A))
+    b_file = await ok(await upload(owners, USER_B))
+    made = await ok(await owners.post("/v1/assistants", json={"model": "tiny-llama", "name": "a's",
+                                                              "file_ids": [a_file["id"]]}, headers=bearer(USER_A)))
+    theirs = await ok(await owners.post("/v1/assistants", json={"model": "tiny-llama", "name": "b's"},
+                                        headers=bearer(USER_B)))
+    listed = await ok(await owners.get("/v1/assistants", headers=bearer(USER_B)))
+    assert [a["id"] for a in listed["data"]] == [theirs["id"]]
+    aid = made["id"]
+    for method, path, body in (("GET", f"/v1/assistants/{aid}", None),
+                               ("POST", f"/v1/assistants/{aid}", {"name": "taken"}),
+                               ("DELETE", f"/v1/assistants/{aid}", None),
+                               ("GET", f"/v1/assistants/{aid}/files", None),
+                               ("GET", f"/v1/assistants/{aid}/files/{a_file['id']}", None),
+                               ("POST", f"/v1/assistants/{aid}/files", {"file_id": b_file["id"]}),
+                               ("DELETE", f"/v1/assistants/{aid}/files/{a_file['id']}", None)):
+        await not_found(await owners.request(method, path, json=body, headers=bearer(USER_B)), aid)
+    # a user links only files it can see
+    for resp in (await owners.post("/v1/assistants", json={"model": "tiny-llama", "file_ids": [a_file["id"]]},
+                                   headers=bearer(USER_B)),
+                 await owners.post(f"/v1/assistants/{theirs['id']}", json={"file_ids": [a_file["id"]]},
+                                   headers=bearer(USER_B)),
+                 await owners.post(f"/v1/assistants/{theirs['id']}/files", json={"file_id": a_file["id"]},
+                                   headers=bearer(USER_B))):
+        await not_found(resp, a_file["id"])
+    assert (await ok(await owners.get(f"/v1/assistants/{theirs['id']}", headers=bearer(USER_B))))["file_ids"] == []
+    assert await ok(await owners.get(f"/v1/assistants/{aid}", headers=bearer(USER_A))) == made
+    every = await ok(await owners.get("/v1/assistants", headers=bearer(ADMIN)))
+    assert [a["id"] for a in every["data"]] == [theirs["id"], aid]
+    renamed = await ok(await owners.post(f"/v1/assistants/{aid}", json={"name": "by admin"}, headers=bearer(ADMIN)))
+    assert renamed["name"] == "by admin" and renamed["file_ids"] == [a_file["id"]]
+    await ok(await owners.delete(f"/v1/assistants/{theirs['id']}", headers=bearer(ADMIN)))
+
+
+def _stored(client, response_id: str, who: Principal) -> None:  # noqa: ANN001
+    """A stored response made by ``who``, straight into the app's store."""
+    response = {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
+                "background": False, "output": []}
+    item = {"id": "msg_1", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_text", "text": "a secret question"}]}
+    client.server.app[keys.STORE].save_response(response, [{"role": "user", "content": "a secret question"}],
+                                                [item], who=who)
+
+
+async def test_stored_responses_are_their_makers(owners) -> None:  # noqa: ANN001
+    _stored(owners, "resp_a", Principal(key_hash(USER_A), admin=False))
+    _stored(owners, "resp_old", OPEN)  # made before keys were recorded, or without keys
+    for rid in ("resp_a", "resp_old"):
+        for method, path in (("GET", f"/v1/responses/{rid}"), ("GET", f"/v1/responses/{rid}/input_items"),
+                             ("POST", f"/v1/responses/{rid}/cancel"), ("DELETE", f"/v1/responses/{rid}")):
+            await not_found(await owners.request(method, path, headers=bearer(USER_B)), rid)
+        resp = await owners.post("/v1/responses", json={"model": "tiny-llama", "input": "and then?",
+                                                        "previous_response_id": rid}, headers=bearer(USER_B))
+        await not_found(resp, rid)
+        assert error_of(await resp.json())["param"] == "previous_response_id"
+    assert (await ok(await owners.get("/v1/responses/resp_a", headers=bearer(USER_A))))["id"] == "resp_a"
+    items = await ok(await owners.get("/v1/responses/resp_a/input_items", headers=bearer(USER_A)))
+    assert [i["id"] for i in items["data"]] == ["msg_1"]
+    await not_found(await owners.get("/v1/responses/resp_old", headers=bearer(USER_A)), "resp_old")
+    for rid in ("resp_a", "resp_old"):
+        assert (await ok(await owners.get(f"/v1/responses/{rid}", headers=bearer(ADMIN))))["id"] == rid
+    assert (await ok(await owners.delete("/v1/responses/resp_a", headers=bearer(USER_A))))["deleted"] is True
+
+
+async def test_without_keys_everything_is_shared(make) -> None:  # noqa: ANN001
+    client = await make()
+    made = await ok(await upload(client))
+    assert [f["id"] for f in (await ok(await client.get("/v1/files")))["data"]] == [made["id"]]
+    _stored(client, "resp_open", OPEN)
+    assert (await ok(await client.get("/v1/responses/resp_open")))["id"] == "resp_open"
+
+
+@pytest.mark.llama
+async def test_a_user_continues_only_its_own_conversation(make_client, tiny_gguf: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
+    write_model_yaml(models, "tiny", context_size=1024, parameters={"model": "tiny.gguf"})
+    client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
+                                              api_keys=(USER_A, USER_B), admin_api_keys=(ADMIN,)))
+    ask = {"model": "tiny", "input": "Hello", "max_output_tokens": 4, "temperature": 0}
+    first = await ok(await client.post("/v1/responses", json=ask, headers=bearer(USER_A)))
+    follow = {**ask, "previous_response_id": first["id"]}
+    await not_found(await client.post("/v1/responses", json=follow, headers=bearer(USER_B)), first["id"])
+    await not_found(await client.get(f"/v1/responses/{first['id']}", headers=bearer(USER_B)), first["id"])
+    second = await ok(await client.post("/v1/responses", json=follow, headers=bearer(USER_A)))
+    assert second["previous_response_id"] == first["id"]
+    assert (await ok(await client.get(f"/v1/responses/{second['id']}", headers=bearer(ADMIN))))["id"] == second["id"]
