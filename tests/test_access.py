@@ -367,6 +367,7 @@ async def test_a_user_continues_only_its_own_conversation(make_client, tiny_gguf
     models.mkdir()
     (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
     write_model_yaml(models, "tiny", context_size=1024, parameters={"model": "tiny.gguf"})
+    write_model_yaml(models, "long", context_size=16384, parameters={"model": "tiny.gguf"})
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
                                               api_keys=(USER_A, USER_B), admin_api_keys=(ADMIN,)))
     ask = {"model": "tiny", "input": "Hello", "max_output_tokens": 4, "temperature": 0}
@@ -377,3 +378,14 @@ async def test_a_user_continues_only_its_own_conversation(make_client, tiny_gguf
     second = await ok(await client.post("/v1/responses", json=follow, headers=bearer(USER_A)))
     assert second["previous_response_id"] == first["id"]
     assert (await ok(await client.get(f"/v1/responses/{second['id']}", headers=bearer(ADMIN))))["id"] == second["id"]
+    # a background response running here cannot be stopped by another key
+    running = await ok(await client.post("/v1/responses", json={"model": "long", "input": "Tell a long story",
+                                                                 "max_output_tokens": 8000, "background": True},
+                                         headers=bearer(USER_A)))
+    for method, path in (("POST", f"/v1/responses/{running['id']}/cancel"),
+                         ("DELETE", f"/v1/responses/{running['id']}")):
+        await not_found(await client.request(method, path, headers=bearer(USER_B)), running["id"])
+    status = (await ok(await client.get(f"/v1/responses/{running['id']}", headers=bearer(USER_A))))["status"]
+    assert status in ("queued", "in_progress")
+    cancelled = await ok(await client.post(f"/v1/responses/{running['id']}/cancel", headers=bearer(USER_A)))
+    assert cancelled["status"] == "cancelled"
