@@ -204,7 +204,7 @@ async def stalled_request(client, path: str, body: dict) -> socket.socket:  # no
     sock.setblocking(False)
     await loop.sock_connect(sock, (client.server.host, client.server.port))
     data = json.dumps(body).encode()
-    await loop.sock_sendall(sock, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    await loop.sock_sendall(sock, b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
     return sock
 

@@ -210,8 +210,9 @@ def test_settings_from_configmap_and_secret_are_valid() -> None:
     # shared state: PostgreSQL and S3, with their secrets in the Secret, not the ConfigMap
     secret = one("Secret")["stringData"]
     assert secret["LOCALAI_DATABASE_URL"].startswith("postgresql://")
-    assert {"LOCALAI_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret)
-    assert not {"LOCALAI_DATABASE_URL", "LOCALAI_API_KEY", "AWS_SECRET_ACCESS_KEY"} & set(one("ConfigMap")["data"])
+    assert {"LOCALAI_API_KEY", "LOCALAI_ADMIN_API_KEYS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret)
+    assert not {"LOCALAI_DATABASE_URL", "LOCALAI_API_KEY", "LOCALAI_ADMIN_API_KEYS",
+                "AWS_SECRET_ACCESS_KEY"} & set(one("ConfigMap")["data"])
     assert settings.blob_url.startswith("s3://")
     # decoding threads match the CPU the container asks for (unset, the node's CPU count would be used)
     assert settings.threads == int(server_container()["resources"]["requests"]["cpu"])
@@ -255,7 +256,7 @@ def test_prometheus_adapter_rule_serves_the_metric() -> None:
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
 
 
-def test_pod_monitor_scrapes_the_replicas_with_the_api_key() -> None:
+def test_pod_monitor_scrapes_the_replicas_with_an_admin_key() -> None:
     [monitor] = load_docs(ADAPTER / "podmonitor.yaml")
     assert monitor["kind"] == "PodMonitor"
     labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -265,6 +266,7 @@ def test_pod_monitor_scrapes_the_replicas_with_the_api_key() -> None:
     assert endpoint["path"] == "/metrics"
     credentials = endpoint["authorization"]["credentials"]
     assert credentials["name"] == one("Secret")["metadata"]["name"]
+    assert credentials["key"] == "LOCALAI_ADMIN_API_KEYS"  # /metrics refuses user keys
     assert credentials["key"] in one("Secret")["stringData"]
 
 

@@ -203,6 +203,46 @@ def test_migrations_upgrade_keeps_data(kind: str, request: pytest.FixtureRequest
         store.close()
 
 
+def test_migration_to_principals_keeps_rows_for_admins(kind: str, request: pytest.FixtureRequest,
+                                                      tmp_path: Path) -> None:
+    """A version 2 database gains the principal columns; its rows, made by nobody in particular, stay and
+    are visible to admin keys only."""
+    from localai_aio.principal import Principal, key_hash
+
+    old = open_store(kind, request, tmp_path, target=2)
+    size = old.blobs.put("files/file-old", stage(old, b"kept bytes"))
+    with old._tx() as db:  # noqa: SLF001  (rows as version 2 wrote them)
+        db.execute("INSERT INTO files (id, created_at, bytes, filename, purpose) VALUES (?, ?, ?, ?, ?)",
+                   ("file-old", 1, size, "f.txt", "assistants"))
+        db.execute("INSERT INTO assistants (id, created_at, body) VALUES (?, ?, ?)",
+                   ("asst_old", 1, json.dumps({"model": "m", "name": "kept", "tools": [], "metadata": {}})))
+        db.execute("INSERT INTO responses (id, created_at, status, body, history) VALUES (?, ?, ?, ?, ?)",
+                   ("resp_old", 1, "completed", json.dumps(response("resp_old")), "[]"))
+    old.close()
+    store = open_store(kind, request, tmp_path)
+    admin, user = Principal(key_hash("admin"), admin=True), Principal(key_hash("user"), admin=False)
+    try:
+        assert [r["principal"] for r in store._query("SELECT principal FROM files")] == [None]  # noqa: SLF001
+        assert store.get_file("file-old", who=admin)["filename"] == "f.txt"
+        assert store.file_path("file-old", who=admin).read_bytes() == b"kept bytes"
+        assert store.get_assistant("asst_old", who=admin)["name"] == "kept"
+        assert store.get_response("resp_old", who=admin)["id"] == "resp_old"
+        with pytest.raises(StoreNotFound):
+            store.get_file("file-old", who=user)
+        with pytest.raises(StoreNotFound):
+            store.get_assistant("asst_old", who=user)
+        with pytest.raises(StoreNotFound):
+            store.response_history("resp_old", who=user)
+        assert store.list_files(purpose=None, limit=5, order="asc", after=None, before=None, who=user).data == []
+        mine = store.create_file(stage(store, b"new"), filename="g.txt", purpose="assistants", who=user)
+        assert [f["id"] for f in store.list_files(purpose=None, limit=5, order="asc", after=None, before=None,
+                                                  who=user).data] == [mine["id"]]
+        rows = store._query("SELECT principal FROM files WHERE id = ?", (mine["id"],))  # noqa: SLF001
+        assert [r["principal"] for r in rows] == [key_hash("user")]  # the hash, never the key
+    finally:
+        store.close()
+
+
 def test_postgres_replicas_starting_together_migrate_once(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from localai_aio.store.postgres import PostgresStore
 

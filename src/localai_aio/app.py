@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 
 from localai_aio import __version__, keys, openapi
+from localai_aio.access import AccessPolicy
 from localai_aio.api import (
     assistants,
     chat,
@@ -42,7 +43,7 @@ from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_mo
 from localai_aio.errors import error_middleware
 from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
-from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
+from localai_aio.middlewares import access_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
 from localai_aio.runtime import run_blocking
 from localai_aio.store import blobs, open_store
@@ -138,10 +139,14 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
                           f"(configured: {', '.join(sorted(model_configs)) or 'none'})")
     app = web.Application(
         client_max_size=settings.upload_limit_bytes,
-        middlewares=[request_log_middleware, error_middleware, auth_middleware, body_middleware,
+        middlewares=[request_log_middleware, error_middleware, access_middleware, body_middleware,
                      validation_middleware],
     )
     app[keys.SETTINGS] = settings
+    app[keys.ACCESS] = AccessPolicy.from_settings(settings)
+    if app[keys.ACCESS].listens_everywhere and not app[keys.ACCESS].keyed and not settings.allowed_hosts:
+        log.warning("listening on every interface without API keys: only requests for localhost and loopback "
+                    "addresses are answered; list the names clients use with --allowed-hosts, or set API keys")
     app[keys.MODEL_CONFIGS] = dict(model_configs)
     app[keys.METRICS] = Metrics()
     app[keys.BATCHERS] = {}
@@ -164,11 +169,11 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
         openapi_version="3.0.3", components=openapi.COMPONENTS, security=[{"BearerAuth": []}],
     )
     openapi.describe_models(app)
-    if settings.cors:
+    if settings.cross_origins:
         cors = aiohttp_cors.setup(app, defaults={
             origin: aiohttp_cors.ResourceOptions(allow_credentials=False, expose_headers="*",
                                                  allow_headers="*", allow_methods="*")
-            for origin in settings.cors_allow_origins
+            for origin in settings.cross_origins
         })
         for route in list(app.router.routes()):
             with contextlib.suppress(ValueError):  # static routes and duplicates

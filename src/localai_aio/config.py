@@ -134,8 +134,20 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory holding model files and their YAML configs.",
             ("LOCALAI_MODELS_PATH", "MODELS_PATH"), "DIR"),
     Setting("api_keys", (), _csv,
-            "Comma-separated API keys. With none set the API is open.",
-            ("LOCALAI_API_KEY", "API_KEY"), "K1,K2"),
+            "Comma-separated API keys. Once --admin-api-keys is set these are user keys: each sees only the "
+            "assistants, files and responses it made, and may not change the models or read /metrics; without "
+            "admin keys every key may do everything. With no keys at all the API is open, to this machine's "
+            "host names only (see --allowed-hosts).", ("LOCALAI_API_KEY", "API_KEY"), "K1,K2"),
+    Setting("admin_api_keys", (), _csv,
+            "Comma-separated admin API keys: they may also install, reload and remove models (the gallery API, "
+            "POST /models/reload) and read /metrics, and they see every key's assistants, files and responses.",
+            ("LOCALAI_ADMIN_API_KEYS",), "K1,K2"),
+    Setting("allowed_hosts", (), _csv,
+            "Comma-separated host names the server answers for when no API keys are set (the Host header, its "
+            "port ignored), besides localhost, the loopback addresses and the hosts of --address and --base-url; "
+            "other names get 403, so that a web page elsewhere cannot reach the server through a browser (DNS "
+            "rebinding). '*' answers any name. Listening on 0.0.0.0 or :: without keys, list here the names "
+            "clients use.", ("LOCALAI_ALLOWED_HOSTS",), "H1,H2"),
     Setting("config_dir", "data", str,
             "Directory for persistent state (assistants, files, generated content).",
             ("LOCALAI_CONFIG_DIR",), "DIR"),
@@ -163,10 +175,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upload_limit", 15, _positive_float,
             "Largest request body accepted, in MB; larger ones get 413.",
             ("LOCALAI_UPLOAD_LIMIT",), "MB"),
-    Setting("cors", False, _bool, "Answer cross-origin requests (CORS).", ("LOCALAI_CORS",),
-            flag_only_bool=True),
-    Setting("cors_allow_origins", ("*",), _csv, "Comma-separated origins allowed when --cors is on.",
-            ("LOCALAI_CORS_ALLOW_ORIGINS",), "O1,O2"),
+    Setting("cors", False, _bool,
+            "Answer cross-origin requests (CORS) from the web pages --cors-allow-origins names, or from any page "
+            "when it names none.", ("LOCALAI_CORS",), flag_only_bool=True),
+    Setting("cors_allow_origins", (), _csv,
+            "Comma-separated web origins (scheme://host[:port]) whose pages may use the API from a browser: "
+            "they get CORS answers and may send POST, PUT, PATCH and DELETE, which other sites' pages may not "
+            "(403). '*' allows any. Naming origins turns --cors on.", ("LOCALAI_CORS_ALLOW_ORIGINS",), "O1,O2"),
     Setting("max_loaded_models", 0, _positive_int,
             "Most models kept loaded at once; the least recently used idle one is unloaded first. "
             "0 means no limit.", ("LOCALAI_MAX_LOADED_MODELS",), "N"),
@@ -227,6 +242,8 @@ class ServerSettings:
     address: str = "127.0.0.1:8080"
     models_path: str = "models"
     api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     config_dir: str = "data"
     database_url: str = ""
     blob_url: str = ""
@@ -236,7 +253,7 @@ class ServerSettings:
     context_size: int = 2048
     upload_limit: float = 15
     cors: bool = False
-    cors_allow_origins: tuple[str, ...] = ("*",)
+    cors_allow_origins: tuple[str, ...] = ()
     max_loaded_models: int = 0
     idle_timeout: float = 0.0
     preload_models: tuple[str, ...] = ()
@@ -262,6 +279,11 @@ class ServerSettings:
     @property
     def port(self) -> int:
         return int(self.address.rpartition(":")[2])
+
+    @property
+    def cross_origins(self) -> tuple[str, ...]:
+        """The web origins answered with CORS and allowed to change state: those named, else any with --cors."""
+        return self.cors_allow_origins or (("*",) if self.cors else ())
 
     @property
     def upload_limit_bytes(self) -> int:

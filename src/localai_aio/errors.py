@@ -73,6 +73,26 @@ class AuthenticationFailed(APIError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(APIError):
+    """The caller is known but may not do this (a user key on an admin route). OpenAI answers a key that
+    lacks a permission with ``invalid_request_error`` too; the code says which refusal it is."""
+
+    status = 403
+    code = "insufficient_permissions"
+
+
+class HostNotAllowed(PermissionDenied):
+    """Without keys, a request for a host name the server was not told about (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
+class OriginNotAllowed(PermissionDenied):
+    """A state-changing request sent by another site's web page."""
+
+    code = "origin_not_allowed"
+
+
 class NotFound(APIError):
     status = 404
     code = "not_found"

@@ -1,9 +1,8 @@
-"""Request-level middlewares: request id + access log + metrics, API-key auth, body checks."""
+"""Request-level middlewares: request id + access log + metrics, access (Host, Origin, API keys), body checks."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -13,7 +12,15 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from localai_aio import keys
-from localai_aio.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from localai_aio.access import ADMIN_ONLY
+from localai_aio.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnsupportedMediaType,
+)
+from localai_aio.principal import ANONYMOUS
 
 access_log = logging.getLogger("localai_aio.access")
 
@@ -81,23 +88,26 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or request.headers.get("xi-api-key")
 
 
-def key_matches(key: str, allowed: tuple[str, ...]) -> bool:
-    """Constant-time comparison against every configured key (no early exit on the first match)."""
-    found = False
-    for candidate in allowed:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
-
-
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    allowed = request.app[keys.SETTINGS].api_keys
-    if allowed and not is_public(request):
-        key = presented_key(request)
-        if key is None:
-            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
-        if not key_matches(key, allowed):
-            raise AuthenticationFailed("Incorrect API key provided")
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The app's ``access.AccessPolicy`` on every request: the Host (without keys), the Origin of
+    state-changing requests, the key (401 without a valid one, except on public paths) and admin-only routes
+    (403 for user keys). Handlers and the store learn who asked from ``request[keys.PRINCIPAL]``."""
+    policy = request.app[keys.ACCESS]
+    policy.check_host(request.path, request.headers.get(hdrs.HOST))
+    forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0]
+    policy.check_origin(request.method, request.headers.get(hdrs.ORIGIN), (request.headers.get(hdrs.HOST), forwarded))
+    key = presented_key(request)
+    principal = policy.identify(key)
+    if principal is None:
+        if not is_public(request):
+            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'" if key is None
+                                       else "Incorrect API key provided")
+        principal = ANONYMOUS
+    if getattr(request.match_info.handler, ADMIN_ONLY, False) and not principal.admin:
+        raise PermissionDenied(f"{request.method} {request.path} needs an admin key (one of --admin-api-keys); "
+                               "this key is a user key")
+    request[keys.PRINCIPAL] = principal
     return await handler(request)
 
 

@@ -35,7 +35,9 @@ async def store_call(app: web.Application, method: str, *args: Any, **kwargs: An
 
 
 async def call_store(request: web.Request, method: str, *args: Any, **kwargs: Any) -> Any:
-    return await store_call(request.app, method, *args, **kwargs)
+    """``store_call`` as the request's principal: what it creates is recorded as its own, and it reads and
+    changes only what it may see (another key's objects are 404s, as if they did not exist)."""
+    return await store_call(request.app, method, *args, who=request[keys.PRINCIPAL], **kwargs)
 
 
 def validate_assistant(request: web.Request, body: dict[str, Any], *, partial: bool) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Why it works this way:
   one install at a time (a lock, taken in the order asked), and the request answers at once.
 - Once the model's YAML is written, the models directory is read again (``live_reload.reload_models``,
   what SIGHUP and ``POST /models/reload`` do): the model is served at once, without a restart.
-- Installing is an admin action: with ``--api-keys`` the auth middleware asks for a key (as for every
-  route that is not public), and ``--disable-gallery-api`` turns these routes off (403).
+- Installing is an admin action: installs and their jobs are ``admin_only`` (user keys get 403; with only
+  ``--api-keys`` every key is an admin), and ``--disable-gallery-api`` turns these routes off (403). The
+  gallery's list (``/models/available``) is open to every key: it changes nothing.
 - The install thread is a daemon: a server that stops mid-install does not wait for a download; the
   install is told to stop at its next step, and its temporary folder goes with it (nothing is served).
 """
@@ -33,6 +34,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio import keys
+from localai_aio.access import admin_only
 from localai_aio.api.images import public_base
 from localai_aio.config import conf_file
 from localai_aio.errors import APIError, InternalError, InvalidRequest, NotFound
@@ -167,6 +169,7 @@ async def _run(app: web.Application, installs: Installs, job: Job, entry: Galler
 
 
 @routes.post("/models/apply")
+@admin_only
 async def apply(request: web.Request) -> web.Response:
     """Install a gallery entry in the background: ``{"id": "<entry>"}`` (or LocalAI's ``gallery@entry``, or
     ``{"name": ...}``) answers ``{"uuid", "status": "<URL of GET /models/jobs/{uuid}>"}`` at once.
@@ -202,6 +205,7 @@ setattr(apply, EXPECTS_JSON, True)
 
 
 @routes.get("/models/jobs/{uuid}")
+@admin_only
 @docs(tags=["models"], summary="An install job's progress: `processed`, `progress` (0-100), `message`, `error`.",
       responses=answers())
 async def job_status(request: web.Request) -> web.Response:
@@ -212,6 +216,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 
 @routes.get("/models/jobs")
+@admin_only
 @docs(tags=["models"], summary="Every install job this server has run, by uuid.", responses=answers())
 async def jobs(request: web.Request) -> web.Response:
     return web.json_response({key: job.status() for key, job in _enabled(request).jobs.items()})

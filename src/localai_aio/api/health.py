@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics (an admin key's route: they describe every user's traffic)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from aiohttp_apigami import docs
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from localai_aio import keys
+from localai_aio.access import admin_only
 
 routes = web.RouteTableDef()
 
@@ -36,6 +37,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@admin_only
 @docs(tags=["health"], summary="Prometheus metrics.")
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[keys.METRICS].render()

@@ -1,11 +1,12 @@
 """GET /v1/models (every configured model and alias, in OpenAI's list shape), GET /v1/models/{id}, and
-POST /models/reload (read the models directory again, an admin route like LocalAI's /models/*)."""
+POST /models/reload (read the models directory again: an admin key's route, like LocalAI's /models/*)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from aiohttp_apigami import docs
 
+from localai_aio.access import admin_only
 from localai_aio.api.common import registry
 from localai_aio.live_reload import reload_models
 from localai_aio.openapi import answers
@@ -38,6 +39,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 @routes.post("/models/reload")
+@admin_only
 @docs(tags=["models"], summary="Read the models directory again: new, changed and removed YAMLs take effect; "
                                "requests in flight finish on the config they started with.",
       responses=answers("Reloaded"))

@@ -360,8 +360,9 @@ async def run(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper
 # -- routes -----------------------------------------------------------------------------------------------
 
 async def _save(app: web.Application, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
-                items: list[dict[str, Any]] | None = None, **lease: Any) -> None:
-    await store_call(app, "save_response", response, history, items, **lease)
+                items: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+    """Save a response; ``extra`` (the lease of a background one, ``who`` made it) matters when it is new."""
+    await store_call(app, "save_response", response, history, items, **extra)
 
 
 @routes.post("/v1/responses")
@@ -379,12 +380,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     job, plan = await fitting_job(request, parsed)
     shaper = Shaper(skeleton(body, body.get("model") or job.cfg.name, "queued" if background else "in_progress"))
     if background:
-        return await _start_background(request.app, job, plan, shaper, parsed)
+        return await _start_background(request, job, plan, shaper, parsed)
     if stream:
         return await _stream(request, job, plan, shaper, parsed)
     await run(request.app, job, plan, shaper)
     if store:
-        await _save(request.app, shaper.response, shaper.history(parsed.messages), parsed.items)
+        await _save(request.app, shaper.response, shaper.history(parsed.messages), parsed.items,
+                    who=request[keys.PRINCIPAL])
     return web.json_response(shaper.response, headers=_id_header(shaper))
 
 
@@ -413,7 +415,8 @@ async def _stream(request: web.Request, job: TextJob, plan: ToolPlan, shaper: Sh
         return await sse.close() if error is not None else sse.response
     if shaper.response["store"]:
         try:
-            await _save(app, shaper.response, shaper.history(parsed.messages), parsed.items)
+            await _save(app, shaper.response, shaper.history(parsed.messages), parsed.items,
+                        who=request[keys.PRINCIPAL])
         except APIError as err:  # the answer is out already; only the log can say it was not stored
             log.error("response %s was streamed but not stored: %s", shaper.response["id"], err.message)
     return await sse.close()
@@ -436,10 +439,11 @@ class Running:
             await self.task
 
 
-async def _start_background(app: web.Application, job: TextJob, plan: ToolPlan, shaper: Shaper,
+async def _start_background(request: web.Request, job: TextJob, plan: ToolPlan, shaper: Shaper,
                             parsed: ResponseRequest) -> web.Response:
+    app = request.app
     await _save(app, shaper.response, parsed.messages, parsed.items, owner=app[keys.REPLICA_ID],
-                lease=app[keys.SETTINGS].background_lease)
+                lease=app[keys.SETTINGS].background_lease, who=request[keys.PRINCIPAL])
     response_id = shaper.response["id"]
     running = app[keys.BACKGROUND][response_id] = Running()
     running.task = asyncio.ensure_future(_background(app, job, plan, shaper, parsed, running))
@@ -517,11 +521,11 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _stop(request: web.Request, response_id: str) -> dict[str, Any]:
     """Cancel a background response wherever it runs and wait until it has stopped; returns it. On
     another replica, the cancel goes through the database and is seen at that replica's next renewal."""
+    response = await call_store(request, "get_response", response_id)  # first: 404 for another key's
     running = request.app[keys.BACKGROUND].get(response_id)
     if running is not None and running.task is not None and not running.task.done():
         await running.cancel()
         return await call_store(request, "get_response", response_id)
-    response = await call_store(request, "get_response", response_id)
     if response.get("status") not in UNFINISHED:
         return response
     await call_store(request, "request_cancel", response_id)

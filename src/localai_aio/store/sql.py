@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from localai_aio.principal import OPEN, Principal
 from localai_aio.store.base import Page, StoreNotFound
 from localai_aio.store.blobs import BlobNotFound, BlobStore
 
@@ -123,13 +124,34 @@ class SQLStore:
                 "assistant_id": row["assistant_id"]}
 
     @staticmethod
-    def _require(db: Any, table: str, object_id: str, kind: str) -> None:
-        if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (object_id,)).fetchone() is None:
+    def _visible(who: Principal) -> tuple[str, tuple]:
+        """The rows ``who`` may see, as a WHERE clause: all of them for an admin, else those its key made
+        (rows made without a key, before keys were recorded or on a server without keys, have none)."""
+        return ("1 = 1", ()) if who.admin else ("principal = ?", (who.hash,))
+
+    def _require(self, db: Any, table: str, object_id: str, kind: str, who: Principal) -> None:
+        visible, args = self._visible(who)
+        if db.execute(f"SELECT 1 FROM {table} WHERE id = ? AND {visible}", (object_id, *args)).fetchone() is None:
             raise StoreNotFound(kind, object_id)
 
-    def _link_files(self, db: Any, assistant_id: str, file_ids: list[str]) -> None:
+    def _get(self, table: str, columns: str, object_id: str, kind: str, who: Principal) -> Any:
+        """The row ``object_id`` of ``table`` if ``who`` may see it."""
+        visible, args = self._visible(who)
+        rows = self._query(f"SELECT {columns} FROM {table} WHERE id = ? AND {visible}", (object_id, *args))
+        if not rows:
+            raise StoreNotFound(kind, object_id)
+        return rows[0]
+
+    def _delete(self, table: str, object_id: str, kind: str, who: Principal) -> None:
+        visible, args = self._visible(who)
+        with self._tx() as db:
+            if db.execute(f"DELETE FROM {table} WHERE id = ? AND {visible}", (object_id, *args)).rowcount == 0:
+                raise StoreNotFound(kind, object_id)
+
+    def _link_files(self, db: Any, assistant_id: str, file_ids: list[str], who: Principal) -> None:
+        """Link files ``who`` can see (a user cannot reach another's file through an assistant)."""
         for file_id in file_ids:
-            self._require(db, "files", file_id, "file")
+            self._require(db, "files", file_id, "file", who)
         now = int(time.time())
         for file_id in dict.fromkeys(file_ids):
             db.execute("INSERT INTO assistant_files (assistant_id, file_id, created_at) VALUES (?, ?, ?) "
@@ -139,20 +161,20 @@ class SQLStore:
 
     def save_response(self, response: dict[str, Any], history: list[dict[str, Any]] | None = None,
                       input_items: list[dict[str, Any]] | None = None, *, owner: str | None = None,
-                      lease: float = 0.0) -> None:
-        """Insert a response with its input items, or update its body (and ``history`` when given). A new
-        background response is inserted already leased to ``owner``: no replica may take it for one
-        whose owner died."""
+                      lease: float = 0.0, who: Principal = OPEN) -> None:
+        """Insert a response (``who``'s) with its input items, or update its body (and ``history`` when
+        given). A new background response is inserted already leased to ``owner``: no replica may take it
+        for one whose owner died."""
         with self._tx() as db:
             row = db.execute(f"SELECT history FROM responses WHERE id = ?{self.FOR_UPDATE}",
                              (response["id"],)).fetchone()
             kept = json.dumps(history) if history is not None else (row["history"] if row else "[]")
             if row is None:
                 lease_until = f"{self.NOW} + ?" if owner else "?"
-                db.execute("INSERT INTO responses (id, created_at, status, body, history, owner, lease_until) "
-                           f"VALUES (?, ?, ?, ?, ?, ?, {lease_until})",
+                db.execute("INSERT INTO responses (id, created_at, status, body, history, owner, lease_until, "
+                           f"principal) VALUES (?, ?, ?, ?, ?, ?, {lease_until}, ?)",
                            (response["id"], int(response["created_at"]), response["status"], json.dumps(response),
-                            kept, owner, lease if owner else None))
+                            kept, owner, lease if owner else None, who.hash))
                 for item in input_items or []:
                     db.execute("INSERT INTO response_items (response_id, id, body) VALUES (?, ?, ?)",
                                (response["id"], item["id"], json.dumps(item)))
@@ -160,30 +182,22 @@ class SQLStore:
                 db.execute("UPDATE responses SET status = ?, body = ?, history = ? WHERE id = ?",
                            (response["status"], json.dumps(response), kept, response["id"]))
 
-    def get_response(self, response_id: str) -> dict[str, Any]:
-        rows = self._query("SELECT body FROM responses WHERE id = ?", (response_id,))
-        if not rows:
-            raise StoreNotFound("response", response_id)
-        return json.loads(rows[0]["body"])
+    def get_response(self, response_id: str, *, who: Principal = OPEN) -> dict[str, Any]:
+        return json.loads(self._get("responses", "body", response_id, "response", who)["body"])
 
-    def response_history(self, response_id: str) -> list[dict[str, Any]]:
+    def response_history(self, response_id: str, *, who: Principal = OPEN) -> list[dict[str, Any]]:
         """The conversation up to and including the response: what ``previous_response_id`` continues."""
-        rows = self._query("SELECT history FROM responses WHERE id = ?", (response_id,))
-        if not rows:
-            raise StoreNotFound("response", response_id)
-        return json.loads(rows[0]["history"])
+        return json.loads(self._get("responses", "history", response_id, "response", who)["history"])
 
     def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
-                         before: str | None) -> Page:
-        self.get_response(response_id)
+                         before: str | None, who: Principal = OPEN) -> Page:
+        self.get_response(response_id, who=who)
         rows, more = self._page("response_items", "response_id = ?", (response_id,), limit=limit, order=order,
                                 after=after, before=before)
         return Page([json.loads(r["body"]) for r in rows], more)
 
-    def delete_response(self, response_id: str) -> None:
-        with self._tx() as db:
-            if db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount == 0:
-                raise StoreNotFound("response", response_id)
+    def delete_response(self, response_id: str, *, who: Principal = OPEN) -> None:
+        self._delete("responses", response_id, "response", who)
 
     # -- background responses' leases ----------------------------------------------------------------------
 
@@ -199,9 +213,11 @@ class SQLStore:
         return self._fail_unfinished(f"lease_until IS NULL OR lease_until < {self.NOW}", (),
                                      "The server running the response stopped before it finished")
 
-    def request_cancel(self, response_id: str) -> None:
+    def request_cancel(self, response_id: str, *, who: Principal = OPEN) -> None:
+        visible, args = self._visible(who)
         with self._tx() as db:
-            if db.execute("UPDATE responses SET cancel_requested = TRUE WHERE id = ?", (response_id,)).rowcount == 0:
+            if db.execute(f"UPDATE responses SET cancel_requested = TRUE WHERE id = ? AND {visible}",
+                          (response_id, *args)).rowcount == 0:
                 raise StoreNotFound("response", response_id)
 
     def _fail_unfinished(self, where: str, args: tuple, message: str) -> list[str]:
@@ -221,30 +237,32 @@ class SQLStore:
 
     # -- assistants -----------------------------------------------------------------------------------------
 
-    def create_assistant(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def create_assistant(self, fields: dict[str, Any], *, who: Principal = OPEN) -> dict[str, Any]:
         assistant_id = new_id("asst_")
         body = {k: fields.get(k) for k in ASSISTANT_FIELDS}
         body["tools"] = body["tools"] or []
         body["metadata"] = body["metadata"] or {}
         with self._tx() as db:
-            db.execute("INSERT INTO assistants (id, created_at, body) VALUES (?, ?, ?)",
-                       (assistant_id, int(time.time()), json.dumps(body)))
-            self._link_files(db, assistant_id, fields.get("file_ids") or [])
-        return self.get_assistant(assistant_id)
+            db.execute("INSERT INTO assistants (id, created_at, body, principal) VALUES (?, ?, ?, ?)",
+                       (assistant_id, int(time.time()), json.dumps(body), who.hash))
+            self._link_files(db, assistant_id, fields.get("file_ids") or [], who)
+        return self.get_assistant(assistant_id, who=who)
 
-    def get_assistant(self, assistant_id: str) -> dict[str, Any]:
-        rows = self._query("SELECT * FROM assistants WHERE id = ?", (assistant_id,))
-        if not rows:
-            raise StoreNotFound("assistant", assistant_id)
-        return self._assistants(rows)[0]
+    def get_assistant(self, assistant_id: str, *, who: Principal = OPEN) -> dict[str, Any]:
+        return self._assistants([self._get("assistants", "*", assistant_id, "assistant", who)])[0]
 
-    def list_assistants(self, *, limit: int, order: str, after: str | None, before: str | None) -> Page:
-        rows, more = self._page("assistants", "1 = 1", (), limit=limit, order=order, after=after, before=before)
+    def list_assistants(self, *, limit: int, order: str, after: str | None, before: str | None,
+                        who: Principal = OPEN) -> Page:
+        rows, more = self._page("assistants", *self._visible(who), limit=limit, order=order, after=after,
+                                before=before)
         return Page(self._assistants(rows), more)
 
-    def update_assistant(self, assistant_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def update_assistant(self, assistant_id: str, fields: dict[str, Any], *,
+                         who: Principal = OPEN) -> dict[str, Any]:
+        visible, args = self._visible(who)
         with self._tx() as db:
-            row = db.execute(f"SELECT body FROM assistants WHERE id = ?{self.FOR_UPDATE}", (assistant_id,)).fetchone()
+            row = db.execute(f"SELECT body FROM assistants WHERE id = ? AND {visible}{self.FOR_UPDATE}",
+                             (assistant_id, *args)).fetchone()
             if row is None:
                 raise StoreNotFound("assistant", assistant_id)
             body = json.loads(row["body"])
@@ -252,24 +270,22 @@ class SQLStore:
             db.execute("UPDATE assistants SET body = ? WHERE id = ?", (json.dumps(body), assistant_id))
             if "file_ids" in fields:
                 db.execute("DELETE FROM assistant_files WHERE assistant_id = ?", (assistant_id,))
-                self._link_files(db, assistant_id, fields["file_ids"] or [])
-        return self.get_assistant(assistant_id)
+                self._link_files(db, assistant_id, fields["file_ids"] or [], who)
+        return self.get_assistant(assistant_id, who=who)
 
-    def delete_assistant(self, assistant_id: str) -> None:
-        with self._tx() as db:
-            if db.execute("DELETE FROM assistants WHERE id = ?", (assistant_id,)).rowcount == 0:
-                raise StoreNotFound("assistant", assistant_id)
+    def delete_assistant(self, assistant_id: str, *, who: Principal = OPEN) -> None:
+        self._delete("assistants", assistant_id, "assistant", who)
 
     # -- links ----------------------------------------------------------------------------------------------
 
-    def attach_file(self, assistant_id: str, file_id: str) -> dict[str, Any]:
+    def attach_file(self, assistant_id: str, file_id: str, *, who: Principal = OPEN) -> dict[str, Any]:
         with self._tx() as db:
-            self._require(db, "assistants", assistant_id, "assistant")
-            self._link_files(db, assistant_id, [file_id])
-        return self.get_assistant_file(assistant_id, file_id)
+            self._require(db, "assistants", assistant_id, "assistant", who)
+            self._link_files(db, assistant_id, [file_id], who)
+        return self.get_assistant_file(assistant_id, file_id, who=who)
 
-    def get_assistant_file(self, assistant_id: str, file_id: str) -> dict[str, Any]:
-        self.get_assistant(assistant_id)
+    def get_assistant_file(self, assistant_id: str, file_id: str, *, who: Principal = OPEN) -> dict[str, Any]:
+        self.get_assistant(assistant_id, who=who)
         rows = self._query("SELECT * FROM assistant_files WHERE assistant_id = ? AND file_id = ?",
                            (assistant_id, file_id))
         if not rows:
@@ -277,15 +293,15 @@ class SQLStore:
         return self._link(rows[0])
 
     def list_assistant_files(self, assistant_id: str, *, limit: int, order: str, after: str | None,
-                             before: str | None) -> Page:
-        self.get_assistant(assistant_id)
+                             before: str | None, who: Principal = OPEN) -> Page:
+        self.get_assistant(assistant_id, who=who)
         rows, more = self._page("assistant_files", "assistant_id = ?", (assistant_id,), limit=limit, order=order,
                                 after=after, before=before, id_column="file_id")
         return Page([self._link(r) for r in rows], more)
 
-    def detach_file(self, assistant_id: str, file_id: str) -> None:
+    def detach_file(self, assistant_id: str, file_id: str, *, who: Principal = OPEN) -> None:
         with self._tx() as db:
-            self._require(db, "assistants", assistant_id, "assistant")
+            self._require(db, "assistants", assistant_id, "assistant", who)
             if db.execute("DELETE FROM assistant_files WHERE assistant_id = ? AND file_id = ?",
                           (assistant_id, file_id)).rowcount == 0:
                 raise StoreNotFound("file", file_id)
@@ -295,40 +311,37 @@ class SQLStore:
     def staging_path(self) -> Path:
         return self.blobs.staging_path()
 
-    def create_file(self, staged: Path, *, filename: str, purpose: str) -> dict[str, Any]:
+    def create_file(self, staged: Path, *, filename: str, purpose: str, who: Principal = OPEN) -> dict[str, Any]:
         file_id = new_id("file-")
         size = self.blobs.put(FILES + file_id, staged)
         try:
             with self._tx() as db:
-                db.execute("INSERT INTO files (id, created_at, bytes, filename, purpose) VALUES (?, ?, ?, ?, ?)",
-                           (file_id, int(time.time()), size, filename, purpose))
+                db.execute("INSERT INTO files (id, created_at, bytes, filename, purpose, principal) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (file_id, int(time.time()), size, filename, purpose, who.hash))
         except BaseException:
             self.blobs.delete(FILES + file_id)
             raise
-        return self.get_file(file_id)
+        return self.get_file(file_id, who=who)
 
-    def get_file(self, file_id: str) -> dict[str, Any]:
-        rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
-        if not rows:
-            raise StoreNotFound("file", file_id)
-        return self._file(rows[0])
+    def get_file(self, file_id: str, *, who: Principal = OPEN) -> dict[str, Any]:
+        return self._file(self._get("files", "*", file_id, "file", who))
 
     def list_files(self, *, purpose: str | None, limit: int, order: str, after: str | None,
-                   before: str | None) -> Page:
-        where, args = ("purpose = ?", (purpose,)) if purpose is not None else ("1 = 1", ())
-        rows, more = self._page("files", where, args, limit=limit, order=order, after=after, before=before)
+                   before: str | None, who: Principal = OPEN) -> Page:
+        visible, args = self._visible(who)
+        if purpose is not None:
+            visible, args = f"purpose = ? AND {visible}", (purpose, *args)
+        rows, more = self._page("files", visible, args, limit=limit, order=order, after=after, before=before)
         return Page([self._file(r) for r in rows], more)
 
-    def file_path(self, file_id: str) -> Path:
-        self.get_file(file_id)
+    def file_path(self, file_id: str, *, who: Principal = OPEN) -> Path:
+        self.get_file(file_id, who=who)
         try:
             return self.blobs.fetch(FILES + file_id)
         except BlobNotFound:
             log.error("file record %s has no stored bytes", file_id)
             raise StoreNotFound("file", file_id) from None
 
-    def delete_file(self, file_id: str) -> None:
-        with self._tx() as db:
-            if db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount == 0:
-                raise StoreNotFound("file", file_id)
+    def delete_file(self, file_id: str, *, who: Principal = OPEN) -> None:
+        self._delete("files", file_id, "file", who)
         self.blobs.delete(FILES + file_id)
