@@ -339,6 +339,7 @@ KNOWN_MODEL_KEYS = frozenset({
     "name", "backend", "parameters", "context_size", "threads", "template", "stopwords", "embeddings",
     "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "gpu_layers",
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
+    "installed_by",  # the gallery's mark on what it installed (gallery.install.INSTALLED_BY)
 })
 BACKEND_OPTION_KEYS = frozenset({
     "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
@@ -381,14 +382,30 @@ class ModelConfig:
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse absolute paths, ``..`` and symlinks that leave it."""
+    """Resolve ``relative`` strictly below ``root``; refuse absolute paths, ``..`` and symlinks that leave
+    it, and anything naming ``root`` itself (``.``, ``a/..``): callers delete and replace what this returns,
+    and "the model named ." must never be the whole models directory."""
     if not relative or os.path.isabs(relative) or "\x00" in relative:
         raise ConfigError(f"model path {relative!r} must be relative to the models directory")
     root = root.resolve()
     candidate = (root / relative).resolve()
-    if candidate != root and root not in candidate.parents:
+    if candidate == root:
+        raise ConfigError(f"model path {relative!r} names the models directory itself, not something in it")
+    if root not in candidate.parents:
         raise ConfigError(f"model path {relative!r} leaves the models directory")
     return candidate
+
+
+def model_folder(root: Path, name: str) -> Path:
+    """``<root>/<name>``, the folder of the model called ``name`` (its YAML is ``<root>/<name>.yaml``): the
+    one check of a name that installs, exports and removals turn into paths. A name is one plain path
+    component: with a separator its YAML would land where the server never reads it, and names starting
+    with a dot are the installs' own temporary folders. The path is not resolved, so removing a model
+    whose folder is a symlink removes the link, not what it points to."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or not name.isprintable():
+        raise ConfigError(f"model name {name!r} must be one plain file name (no '/', not starting with '.')")
+    resolve_inside(root, name)
+    return Path(root) / name
 
 
 def _model_from_yaml(data: dict[str, Any], source: Path, models_path: Path) -> ModelConfig:

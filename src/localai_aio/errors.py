@@ -86,6 +86,13 @@ class MethodNotAllowed(APIError):
     code = "method_not_allowed"
 
 
+class Conflict(APIError):
+    """The request would replace something it was not told it may replace."""
+
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     code = "request_too_large"
