@@ -44,6 +44,7 @@ from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
 from localai_aio.middlewares import auth_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
+from localai_aio.retention import retention_ctx
 from localai_aio.runtime import run_blocking
 from localai_aio.store import blobs, open_store
 from localai_aio.store.base import StoreUnavailable
@@ -96,9 +97,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.METRICS].watch_engines(reg.load_reports)
     watchdog = asyncio.create_task(reg.watchdog()) if settings.idle_timeout else None
     preload = asyncio.create_task(_preload(reg, settings.preload_models))
-    cleanup = asyncio.create_task(images.cleanup_loop(app))
     yield
-    for task in (watchdog, preload, cleanup):
+    for task in (watchdog, preload):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,6 +151,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(retention_ctx)  # sweeps what is older than its age, in the background
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(live_reload_ctx)
     app.cleanup_ctx.append(ui.assets_ctx)

@@ -198,6 +198,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("generated_max_age", 3600.0, _positive_float,
             "Generated images are deleted once older than this many seconds.",
             ("LOCALAI_GENERATED_MAX_AGE",), "SECONDS"),
+    Setting("retention_days", 0.0, _positive_float,
+            "Delete stored responses, uploaded files and generated images once older than this many days (a "
+            "fraction is fine), swept in the background every few minutes. 0 keeps responses and files until "
+            "they are deleted.", ("LOCALAI_RETENTION_DAYS",), "DAYS"),
     Setting("write_timeout", 30.0, _positive_float,
             "Seconds a streaming client may take no data before its connection is dropped. 0 waits forever.",
             ("LOCALAI_WRITE_TIMEOUT",), "SECONDS"),
@@ -248,6 +252,7 @@ class ServerSettings:
     max_batch_size: int = 64
     image_max_size: int = 1024
     generated_max_age: float = 3600.0
+    retention_days: float = 0.0
     write_timeout: float = 30.0
     max_audio_seconds: float = 7200.0
     base_url: str = ""
@@ -266,6 +271,10 @@ class ServerSettings:
     @property
     def upload_limit_bytes(self) -> int:
         return int(self.upload_limit * 1024 * 1024)
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.retention_days * 86400.0
 
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)

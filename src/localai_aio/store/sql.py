@@ -332,3 +332,14 @@ class SQLStore:
             if db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount == 0:
                 raise StoreNotFound("file", file_id)
         self.blobs.delete(FILES + file_id)
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    def response_ids_before(self, before: float, limit: int) -> list[str]:
+        rows = self._query("SELECT id FROM responses WHERE created_at < ? AND status NOT IN (?, ?) ORDER BY seq "
+                           "LIMIT ?", (before, *UNFINISHED, limit))
+        return [row["id"] for row in rows]
+
+    def file_ids_before(self, before: float, limit: int) -> list[str]:
+        rows = self._query("SELECT id FROM files WHERE created_at < ? ORDER BY seq LIMIT ?", (before, limit))
+        return [row["id"] for row in rows]
