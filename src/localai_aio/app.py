@@ -38,7 +38,7 @@ from localai_aio.api import (
 )
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
-from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
+from localai_aio.config import ConfigError, ModelConfig, ServerSettings, check_api_keys, load_model_configs
 from localai_aio.errors import error_middleware
 from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
@@ -126,6 +126,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
                backends: Mapping[str, Backend] | None = None) -> web.Application:
     """Build the server. ``model_configs`` and ``backends`` default to the models directory and the
     built-in engines; tests pass their own."""
+    check_api_keys(settings.api_keys)
     _check_config_dir(Path(settings.config_dir))
     if model_configs is None:
         model_configs, problems = load_model_configs(settings.models_path)

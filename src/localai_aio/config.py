@@ -34,6 +34,18 @@ class ConfigError(Exception):
     """A setting or a model config that cannot be used; the message says which and why."""
 
 
+#: The API key deploy/kubernetes/secret.yaml ships with, for the user to replace. Everyone who has read the
+#: manifests knows it, so a server started with it as a key would be open to all: it refuses to start.
+PLACEHOLDER_API_KEY = "CHANGE-ME"
+
+
+def check_api_keys(keys: Sequence[str]) -> None:
+    """Refuse to serve with the deployment files' placeholder key (checked at start, by ``create_app``)."""
+    if PLACEHOLDER_API_KEY in keys:
+        raise ConfigError(f"the API key {PLACEHOLDER_API_KEY!r} is the placeholder of the deployment files; set "
+                          "LOCALAI_API_KEY (or --api-keys) to a secret key of your own")
+
+
 def _csv(value: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
