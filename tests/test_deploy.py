@@ -390,13 +390,15 @@ def haproxy_sections() -> dict[str, list[str]]:
     return sections
 
 
-def backend() -> list[str]:
-    [name] = [s for s in haproxy_sections() if s.startswith("backend ")]
-    return haproxy_sections()[name]
+def section(kind: str) -> list[str]:
+    """The directives of the configuration's one section of that kind ("frontend", "backend")."""
+    sections = haproxy_sections()
+    [name] = [s for s in sections if s.startswith(kind + " ")]
+    return sections[name]
 
 
 def test_haproxy_balances_and_checks_readiness() -> None:
-    lines = backend()
+    lines = section("backend")
     assert "balance leastconn" in lines
     assert "option httpchk GET /readyz" in lines
     assert "http-check expect status 200" in lines
@@ -427,7 +429,7 @@ def test_haproxy_retries_only_requests_that_never_reached_a_replica() -> None:
 
 
 def test_haproxy_sticks_conversations_to_their_replica() -> None:
-    lines = backend()
+    lines = section("backend")
     [table] = [line for line in lines if line.startswith("stick-table")]
     assert table.split()[1:3] == ["type", "string"]
     assert "option http-buffer-request" in lines
@@ -468,13 +470,8 @@ def test_haproxy_takes_addresses_from_the_environment(haproxy: str) -> None:
     assert "not-a-port" in checked.stdout + checked.stderr
 
 
-def frontend() -> list[str]:
-    [name] = [s for s in haproxy_sections() if s.startswith("frontend ")]
-    return haproxy_sections()[name]
-
-
 def test_haproxy_keeps_admin_routes_to_the_admin_network() -> None:
-    lines = frontend()
+    lines = section("frontend")
     assert 'acl from_admin_net src "${LB_ADMIN_NET[*]-127.0.0.1/32}"' in lines
     [deny] = [line for line in lines if line.startswith("http-request deny deny_status 403")]
     assert "!from_admin_net" in deny and "admin_route" in deny and "models_route !METH_GET" in deny
