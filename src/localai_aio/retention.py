@@ -99,8 +99,8 @@ async def _loop(app: web.Application) -> None:
             await sweep(app)
         except (StoreUnavailable, BlobUnavailable) as exc:  # tried again next round
             log.warning("retention sweep stopped, storage is unavailable: %s", exc)
-        except OSError:
-            log.exception("retention sweep failed")
+        except Exception:  # noqa: BLE001 - logged; the sweeps go on (one failed round must not end them)
+            log.exception("retention sweep failed; trying again next round")
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
