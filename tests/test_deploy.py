@@ -1,18 +1,28 @@
 """The deployment files under ``deploy/``: the Kubernetes manifests are valid for Kubernetes (checked against
 its JSON schemas by ``kubernetes-validate``, offline) and say what the server needs (probes, drain timing,
-models, settings, the autoscaler's metric); the HAProxy configuration is accepted by ``haproxy -c`` and has
-the balancing, health-check, retry and stickiness rules the replicas rely on.
+models, settings, the autoscaler's metric) and run it locked down (non-root, read-only root file system, no
+capabilities, a NetworkPolicy, a placeholder key the server refuses); the HAProxy configuration is accepted
+by ``haproxy -c``, has the balancing, health-check, retry and stickiness rules the replicas rely on, and
+keeps the admin routes to the admin network (checked against a running HAProxy too).
 
 How HAProxy behaves in front of running replicas is tested elsewhere; this file checks the files."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import http.client
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +31,16 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from localai_aio.config import SETTINGS, conf_file, load_settings
+from conftest import free_port
+from localai_aio.app import create_app
+from localai_aio.config import (
+    PLACEHOLDER_API_KEY,
+    SETTINGS,
+    ConfigError,
+    ServerSettings,
+    conf_file,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -94,7 +113,7 @@ def test_manifest_is_valid_kubernetes(path: Path, version: str) -> None:
 def test_expected_objects_are_there() -> None:
     kinds = sorted(doc["kind"] for doc in all_docs())
     assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget",
-                            "HorizontalPodAutoscaler"])
+                            "HorizontalPodAutoscaler", "NetworkPolicy"])
     # namespace-agnostic: `kubectl apply -k ... -n NAMESPACE` chooses it
     assert all("namespace" not in doc["metadata"] for doc in all_docs())
     assert "namespace" not in yaml.safe_load((K8S / "kustomization.yaml").read_text())
@@ -270,6 +289,88 @@ def test_pod_monitor_scrapes_the_replicas_with_an_admin_key() -> None:
     assert credentials["key"] in one("Secret")["stringData"]
 
 
+# -- Kubernetes: locked down -------------------------------------------------------------------------------
+
+def all_containers() -> list[dict[str, Any]]:
+    return pod_spec()["initContainers"] + pod_spec()["containers"]
+
+
+def test_pods_run_as_non_root_without_privileges_or_a_token() -> None:
+    spec = pod_spec()
+    assert spec["automountServiceAccountToken"] is False  # the server never calls the Kubernetes API
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] > 0 and pod["runAsGroup"] > 0 and pod["fsGroup"] == pod["runAsGroup"]
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in all_containers():
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        # nothing in a container undoes the pod's settings
+        assert not {"privileged", "runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile"} & set(context)
+
+
+def test_what_the_processes_write_is_on_writable_volumes() -> None:
+    """With a read-only root file system, every place written to is an emptyDir mounted writable."""
+    spec = pod_spec()
+    empty_dirs = {volume["name"] for volume in spec["volumes"] if "emptyDir" in volume}
+    settings = load_settings({}, manifest_env())
+    [init] = spec["initContainers"]
+    for container in all_containers():
+        writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert {m["name"] for m in container["volumeMounts"]} <= empty_dirs, container["name"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        for var in ("HOME", "TMPDIR", "XDG_CACHE_HOME"):  # temporary files, pip's and Hugging Face's caches
+            assert env[var] in writable, (container["name"], var)
+        assert "/tmp" in writable
+        needed = {settings.models_path} if container["name"] == init["name"] else {settings.config_dir}
+        assert needed <= writable, container["name"]
+    assert settings.models_path not in {m["mountPath"] for m in server_container()["volumeMounts"]
+                                        if not m.get("readOnly")}  # the server only reads the models
+
+
+def test_network_policy_admits_only_the_balancer_and_the_scraper() -> None:
+    policy = one("NetworkPolicy")["spec"]
+    labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [port] = server_container()["ports"]
+    peers = []
+    for rule in policy["ingress"]:
+        assert rule["from"], "a rule without 'from' admits every source"
+        assert rule["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+        for peer in rule["from"]:
+            assert set(peer) <= {"podSelector", "namespaceSelector"}, "no address ranges: pods, by their labels"
+            assert peer["podSelector"]["matchLabels"], "an empty pod selector admits every pod"
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"]["matchLabels"], "an empty namespace selector admits every namespace"
+            peers.append(peer["podSelector"]["matchLabels"])
+    assert {"app.kubernetes.io/name": "ingress-nginx"} in peers  # the ingress controller
+    assert {"localai-aio/balancer": "true"} in peers  # a balancer of one's own
+    assert {"app.kubernetes.io/name": "prometheus"} in peers  # the scraper of the autoscaler's metric
+    documented = (K8S / "networkpolicy.yaml").read_text()
+    for selector in peers:
+        for key, value in selector.items():
+            assert f"{key}={value}" in documented, "each selector is explained in the file's comments"
+
+
+def test_the_secrets_placeholder_key_is_refused_at_start(tmp_path: Path) -> None:
+    placeholder = one("Secret")["stringData"]["LOCALAI_API_KEY"]
+    assert placeholder == PLACEHOLDER_API_KEY
+    settings = ServerSettings(models_path=str(tmp_path / "m"), config_dir=str(tmp_path / "d"))
+    with pytest.raises(ConfigError, match="placeholder"):
+        create_app(settings.replace(api_keys=("a-real-key", placeholder)))
+    create_app(settings.replace(api_keys=("a-real-key",)))
+    env = {**os.environ, "LOCALAI_API_KEY": placeholder}
+    done = subprocess.run([sys.executable, "-m", "localai_aio", "serve", "--models-path", str(tmp_path / "m"),
+                           "--config-dir", str(tmp_path / "d"), "--address", f"127.0.0.1:{free_port()}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()  # one line, no traceback
+    assert PLACEHOLDER_API_KEY in line and "LOCALAI_API_KEY" in line
+
+
 # -- HAProxy -----------------------------------------------------------------------------------------------
 
 HAPROXY_ENV = {"LB_BIND": "127.0.0.1:18080", "REPLICA1_ADDR": "10.0.0.11:8080", "REPLICA2_ADDR": "10.0.0.12:8080",
@@ -291,13 +392,15 @@ def haproxy_sections() -> dict[str, list[str]]:
     return sections
 
 
-def backend() -> list[str]:
-    [name] = [s for s in haproxy_sections() if s.startswith("backend ")]
-    return haproxy_sections()[name]
+def section(kind: str) -> list[str]:
+    """The directives of the configuration's one section of that kind ("frontend", "backend")."""
+    sections = haproxy_sections()
+    [name] = [s for s in sections if s.startswith(kind + " ")]
+    return sections[name]
 
 
 def test_haproxy_balances_and_checks_readiness() -> None:
-    lines = backend()
+    lines = section("backend")
     assert "balance leastconn" in lines
     assert "option httpchk GET /readyz" in lines
     assert "http-check expect status 200" in lines
@@ -328,7 +431,7 @@ def test_haproxy_retries_only_requests_that_never_reached_a_replica() -> None:
 
 
 def test_haproxy_sticks_conversations_to_their_replica() -> None:
-    lines = backend()
+    lines = section("backend")
     [table] = [line for line in lines if line.startswith("stick-table")]
     assert table.split()[1:3] == ["type", "string"]
     assert "option http-buffer-request" in lines
@@ -367,3 +470,96 @@ def test_haproxy_takes_addresses_from_the_environment(haproxy: str) -> None:
     checked = haproxy_check(haproxy, {**HAPROXY_ENV, "REPLICA2_ADDR": "10.0.0.12:not-a-port"})
     assert checked.returncode != 0
     assert "not-a-port" in checked.stdout + checked.stderr
+
+
+def test_haproxy_keeps_admin_routes_to_the_admin_network() -> None:
+    lines = section("frontend")
+    assert 'acl from_admin_net src "${LB_ADMIN_NET[*]-127.0.0.1/32}"' in lines
+    [deny] = [line for line in lines if line.startswith("http-request deny deny_status 403")]
+    assert "!from_admin_net" in deny and "admin_route" in deny and "models_route !METH_GET" in deny
+    assert "LB_ADMIN_NET" in HAPROXY_CFG.read_text().split("global")[0]  # documented with the other variables
+
+
+class StubReplica(BaseHTTPRequestHandler):
+    """Answers every request 200 with its method and path: what reached a replica."""
+
+    def answer(self) -> None:
+        body = json.dumps({"method": self.command, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def running_haproxy(haproxy: str, env: dict[str, str], log: Path) -> Iterator[int]:
+    """HAProxy with the configuration, in front of a stub replica; yields the port clients connect to."""
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), StubReplica)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    port = free_port()
+    replica = f"127.0.0.1:{stub.server_address[1]}"
+    full = {"PATH": os.environ.get("PATH", ""), "LB_BIND": f"127.0.0.1:{port}", "REPLICA1_ADDR": replica,
+            "REPLICA2_ADDR": replica, "LB_STATS_BIND": f"127.0.0.1:{free_port()}",
+            "LB_LOG": f"127.0.0.1:{free_port()}", **env}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([haproxy, "-db", "-f", str(HAPROXY_CFG)], env=full, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while request(port, "GET", "/v1/models")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        stub.shutdown()
+        stub.server_close()
+
+
+def request(port: int, method: str, path: str, source: str = "127.0.0.1") -> tuple[int, dict]:
+    """One request, sent from ``source`` (any 127.x address works on the loopback), the path as written."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None)
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, json.loads(body) if body.startswith(b"{") else {}
+    except OSError:
+        return 0, {}
+    finally:
+        conn.close()
+
+
+ADMIN_ROUTES = [("GET", "/metrics"), ("GET", "//metrics"), ("GET", "/models/available"), ("GET", "/models/jobs"),
+                ("GET", "/models/jobs/abc"), ("GET", "/models/%6aobs"), ("POST", "/models/apply"),
+                ("POST", "/models//apply"), ("POST", "/models/reload"), ("DELETE", "/models/tiny")]
+OPEN_ROUTES = [("GET", "/v1/models"), ("GET", "/models"), ("GET", "/models/tiny"), ("POST", "/v1/chat/completions"),
+               ("GET", "/healthz")]
+
+
+@pytest.mark.parametrize(("admin_net", "admin", "other"), [
+    (None, "127.0.0.1", "127.0.0.2"),  # the default: this machine only
+    ("10.9.9.0/24 127.0.0.2/32", "127.0.0.2", "127.0.0.1"),  # several networks, separated by spaces
+])
+def test_haproxy_answers_admin_routes_only_to_the_admin_network(haproxy: str, tmp_path: Path, admin_net: str | None,
+                                                                admin: str, other: str) -> None:
+    env = {"LB_ADMIN_NET": admin_net} if admin_net else {}
+    with running_haproxy(haproxy, env, tmp_path / "haproxy.log") as port:
+        for method, path in ADMIN_ROUTES:
+            status, body = request(port, method, path, source=other)
+            assert status == 403, (method, path)
+            assert body["error"]["code"] == "admin_only" and body["error"]["type"] == "permission_error"
+            assert request(port, method, path, source=admin)[0] == 200, (method, path)
+        for method, path in OPEN_ROUTES:
+            status, body = request(port, method, path, source=other)
+            assert status == 200 and body["path"] == path, (method, path)
+        for path in ("/v1/../metrics", "/models/x/../../metrics", "/%2e%2e/metrics"):  # dot segments: refused
+            assert request(port, "GET", path, source=admin)[0] == 400, path
+            assert request(port, "GET", path, source=other)[0] in (400, 403), path

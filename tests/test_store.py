@@ -131,6 +131,27 @@ def test_leases_renew_cancel_and_expire(store: SQLStore) -> None:
         store.request_cancel("resp_none")
 
 
+def backdate(store: SQLStore, table: str, object_id: str, created_at: float) -> None:
+    """Make a record look as old as ``created_at`` (the store itself stamps the time it is created)."""
+    with store._tx() as db:
+        db.execute(f"UPDATE {table} SET created_at = ? WHERE id = ?", (int(created_at), object_id))
+
+
+def test_ids_created_before_for_retention(store: SQLStore) -> None:
+    now = time.time()
+    store.save_response(response("resp_old", created_at=int(now) - 7200))
+    store.save_response(response("resp_running", "in_progress", created_at=int(now) - 7200), owner="r", lease=30)
+    store.save_response(response("resp_new"))
+    old, new = (store.create_file(stage(store, b"x"), filename=name, purpose="assistants") for name in ("o", "n"))
+    backdate(store, "files", old["id"], now - 7200)
+    assert store.response_ids_before(now - 3600, 10) == ["resp_old"]  # never one still running
+    assert store.file_ids_before(now - 3600, 10) == [old["id"]]
+    assert store.file_ids_before(now + 10, 1) == [old["id"]]  # oldest first, at most the limit
+    assert set(store.response_ids_before(now + 10, 10)) == {"resp_old", "resp_new"}
+    store.delete_file(old["id"])
+    assert store.file_ids_before(now - 3600, 10) == [] and store.get_file(new["id"])["filename"] == "n"
+
+
 def test_concurrent_creates_neither_duplicate_nor_lose(store: SQLStore) -> None:
     with ThreadPoolExecutor(8) as pool:
         made = list(pool.map(lambda i: store.create_assistant({"model": "m", "name": str(i)})["id"], range(80)))

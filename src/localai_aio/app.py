@@ -39,12 +39,13 @@ from localai_aio.api import (
 )
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
-from localai_aio.config import ConfigError, ModelConfig, ServerSettings, load_model_configs
+from localai_aio.config import ConfigError, ModelConfig, ServerSettings, check_api_keys, load_model_configs
 from localai_aio.errors import error_middleware
 from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
 from localai_aio.middlewares import access_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
+from localai_aio.retention import retention_ctx
 from localai_aio.runtime import run_blocking
 from localai_aio.store import blobs, open_store
 from localai_aio.store.base import StoreUnavailable
@@ -97,9 +98,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.METRICS].watch_engines(reg.load_reports)
     watchdog = asyncio.create_task(reg.watchdog()) if settings.idle_timeout else None
     preload = asyncio.create_task(_preload(reg, settings.preload_models))
-    cleanup = asyncio.create_task(images.cleanup_loop(app))
     yield
-    for task in (watchdog, preload, cleanup):
+    for task in (watchdog, preload):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,6 +127,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
                backends: Mapping[str, Backend] | None = None) -> web.Application:
     """Build the server. ``model_configs`` and ``backends`` default to the models directory and the
     built-in engines; tests pass their own."""
+    check_api_keys((*settings.api_keys, *settings.admin_api_keys))
     _check_config_dir(Path(settings.config_dir))
     if model_configs is None:
         model_configs, problems = load_model_configs(settings.models_path)
@@ -156,6 +157,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_executor_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(retention_ctx)  # sweeps what is older than its age, in the background
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(live_reload_ctx)
     app.cleanup_ctx.append(ui.assets_ctx)

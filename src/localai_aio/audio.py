@@ -212,10 +212,24 @@ class StreamEncoder:
 # -- audio in ---------------------------------------------------------------------------------------------
 
 BLOCK_FRAMES = 65536  # read at the file's own rate: about 1.5 s at 44.1 kHz, 512 KB as float32 stereo
+#: Sample rates an upload may declare, in Hz. A header's rate is only a claim, and a block of frames is
+#: resampled to the rate asked for in one step: at 1 Hz, one block of a few KB would become a billion
+#: samples (4 GB). From 1 kHz up, a block stays under 4 MB at 16 kHz; recordings are 8 to 384 kHz.
+MIN_RATE, MAX_RATE = 1000, 384_000
 
 
 class UnreadableAudio(ValueError):
     pass
+
+
+class UnsupportedRate(UnreadableAudio):
+    """The file declares a sample rate no recording has; no other decoder is tried."""
+
+
+def _check_rate(rate: float) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise UnsupportedRate(f"the file declares a sample rate of {rate:g} Hz; accepted are {MIN_RATE} to "
+                              f"{MAX_RATE} Hz")
 
 
 class AudioTooLong(ValueError):
@@ -268,6 +282,8 @@ class AudioSource:
         if data:
             try:
                 self._blocks, self._header_seconds = _sndfile_blocks(data, rate, block_frames)
+            except UnsupportedRate:
+                raise
             except UnreadableAudio:
                 self._blocks, self._header_seconds = _av_blocks(data, rate)  # raises the same when it fails too
         self._ended = not data
@@ -333,6 +349,11 @@ def _sndfile_blocks(data: bytes, rate: int, block_frames: int) -> tuple[Iterator
 
     with _readable():
         file = soundfile.SoundFile(io.BytesIO(data))
+    try:
+        _check_rate(file.samplerate)
+    except UnsupportedRate:
+        file.close()
+        raise
     resampler = None
     if file.samplerate != rate:
         resampler = soxr.ResampleStream(file.samplerate, rate, 1, dtype="float32", quality="HQ")
@@ -370,6 +391,12 @@ def _av_blocks(data: bytes, rate: int) -> tuple[Iterator[np.ndarray], float | No
         container.close()
         raise UnreadableAudio("the file holds no audio stream")
     stream = container.streams.audio[0]
+    try:
+        if stream.codec_context.sample_rate:  # else known only from the frames, checked as they come
+            _check_rate(stream.codec_context.sample_rate)
+    except UnsupportedRate:
+        container.close()
+        raise
     seconds = None
     if container.duration:
         seconds = container.duration / av.time_base
@@ -380,6 +407,7 @@ def _av_blocks(data: bytes, rate: int) -> tuple[Iterator[np.ndarray], float | No
     def blocks() -> Iterator[np.ndarray]:
         try:
             for frame in container.decode(stream):
+                _check_rate(frame.sample_rate)
                 for out in resampler.resample(frame):
                     yield out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
             for out in resampler.resample(None):

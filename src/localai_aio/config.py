@@ -34,6 +34,19 @@ class ConfigError(Exception):
     """A setting or a model config that cannot be used; the message says which and why."""
 
 
+#: The API key deploy/kubernetes/secret.yaml ships with, for the user to replace. Everyone who has read the
+#: manifests knows it, so a server started with it as a key would be open to all: it refuses to start.
+PLACEHOLDER_API_KEY = "CHANGE-ME"
+
+
+def check_api_keys(keys: Sequence[str]) -> None:
+    """Refuse to serve with the deployment files' placeholder key (checked at start, by ``create_app``)."""
+    if PLACEHOLDER_API_KEY in keys:
+        raise ConfigError(f"the API key {PLACEHOLDER_API_KEY!r} is the placeholder of the deployment files; set "
+                          "LOCALAI_API_KEY and LOCALAI_ADMIN_API_KEYS (or --api-keys and --admin-api-keys) to "
+                          "secret keys of your own")
+
+
 def _csv(value: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
@@ -213,6 +226,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("generated_max_age", 3600.0, _positive_float,
             "Generated images are deleted once older than this many seconds.",
             ("LOCALAI_GENERATED_MAX_AGE",), "SECONDS"),
+    Setting("retention_days", 0.0, _positive_float,
+            "Delete stored responses, uploaded files and generated images once older than this many days (a "
+            "fraction is fine), swept in the background every few minutes. 0 keeps responses and files until "
+            "they are deleted.", ("LOCALAI_RETENTION_DAYS",), "DAYS"),
     Setting("write_timeout", 30.0, _positive_float,
             "Seconds a streaming client may take no data before its connection is dropped. 0 waits forever.",
             ("LOCALAI_WRITE_TIMEOUT",), "SECONDS"),
@@ -265,6 +282,7 @@ class ServerSettings:
     max_batch_size: int = 64
     image_max_size: int = 1024
     generated_max_age: float = 3600.0
+    retention_days: float = 0.0
     write_timeout: float = 30.0
     max_audio_seconds: float = 7200.0
     base_url: str = ""
@@ -288,6 +306,10 @@ class ServerSettings:
     @property
     def upload_limit_bytes(self) -> int:
         return int(self.upload_limit * 1024 * 1024)
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.retention_days * 86400.0
 
     def replace(self, **changes: Any) -> ServerSettings:
         return dataclasses.replace(self, **changes)
@@ -361,6 +383,7 @@ KNOWN_MODEL_KEYS = frozenset({
     "name", "backend", "parameters", "context_size", "threads", "template", "stopwords", "embeddings",
     "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "gpu_layers",
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
+    "installed_by",  # the gallery's mark on what it installed (gallery.install.INSTALLED_BY)
 })
 BACKEND_OPTION_KEYS = frozenset({
     "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
@@ -403,14 +426,30 @@ class ModelConfig:
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse absolute paths, ``..`` and symlinks that leave it."""
+    """Resolve ``relative`` strictly below ``root``; refuse absolute paths, ``..`` and symlinks that leave
+    it, and anything naming ``root`` itself (``.``, ``a/..``): callers delete and replace what this returns,
+    and "the model named ." must never be the whole models directory."""
     if not relative or os.path.isabs(relative) or "\x00" in relative:
         raise ConfigError(f"model path {relative!r} must be relative to the models directory")
     root = root.resolve()
     candidate = (root / relative).resolve()
-    if candidate != root and root not in candidate.parents:
+    if candidate == root:
+        raise ConfigError(f"model path {relative!r} names the models directory itself, not something in it")
+    if root not in candidate.parents:
         raise ConfigError(f"model path {relative!r} leaves the models directory")
     return candidate
+
+
+def model_folder(root: Path, name: str) -> Path:
+    """``<root>/<name>``, the folder of the model called ``name`` (its YAML is ``<root>/<name>.yaml``): the
+    one check of a name that installs, exports and removals turn into paths. A name is one plain path
+    component: with a separator its YAML would land where the server never reads it, and names starting
+    with a dot are the installs' own temporary folders. The path is not resolved, so removing a model
+    whose folder is a symlink removes the link, not what it points to."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or not name.isprintable():
+        raise ConfigError(f"model name {name!r} must be one plain file name (no '/', not starting with '.')")
+    resolve_inside(root, name)
+    return Path(root) / name
 
 
 def _model_from_yaml(data: dict[str, Any], source: Path, models_path: Path) -> ModelConfig:

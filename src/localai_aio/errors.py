@@ -107,9 +107,22 @@ class MethodNotAllowed(APIError):
     code = "method_not_allowed"
 
 
+class Conflict(APIError):
+    """The request would replace something it was not told it may replace."""
+
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     code = "request_too_large"
+
+
+def body_too_large(limit_mb: float) -> PayloadTooLarge:
+    """The one 413 for a body over ``--upload-limit``, however it was found out (its Content-Length, or
+    counting a chunked, compressed or multipart body as it arrives)."""
+    return PayloadTooLarge(f"Request body is larger than the upload limit of {limit_mb:g} MB")
 
 
 class UnsupportedMediaType(APIError):
@@ -213,9 +226,8 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> APIErr
         if allowed:
             err.headers["Allow"] = ",".join(allowed)
         return err
-    if exc.status == 413:
-        limit = request.app[keys.SETTINGS].upload_limit
-        return PayloadTooLarge(f"Request body is larger than the upload limit of {limit:g} MB")
+    if exc.status == 413:  # aiohttp's own count (``client_max_size``) while reading a body
+        return body_too_large(request.app[keys.SETTINGS].upload_limit)
     cls = _HTTP_ERRORS.get(exc.status)
     if cls is None:
         cls = InternalError if exc.status >= 500 else InvalidRequest

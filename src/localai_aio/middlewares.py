@@ -16,9 +16,9 @@ from localai_aio.access import ADMIN_ONLY
 from localai_aio.errors import (
     AuthenticationFailed,
     InvalidRequest,
-    PayloadTooLarge,
     PermissionDenied,
     UnsupportedMediaType,
+    body_too_large,
 )
 from localai_aio.principal import ANONYMOUS
 
@@ -113,11 +113,14 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse oversized bodies before reading them; check JSON bodies before schema validation."""
-    limit = request.app[keys.SETTINGS].upload_limit_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body is larger than the upload limit of "
-                              f"{request.app[keys.SETTINGS].upload_limit:g} MB")
+    """Refuse oversized bodies before reading them; check JSON bodies before schema validation.
+
+    A body without Content-Length (chunked) or sent compressed (its Content-Length is the compressed
+    size) is counted as it is read instead: ``request.read`` stops at ``client_max_size`` (app.py), the
+    upload limit, as aiohttp decompresses it, and multipart bodies are counted by ``api.multipart``."""
+    settings = request.app[keys.SETTINGS]
+    if request.content_length is not None and request.content_length > settings.upload_limit_bytes:
+        raise body_too_large(settings.upload_limit)
     if getattr(request.match_info.handler, EXPECTS_JSON, False):
         if request.content_type != "application/json":
             raise UnsupportedMediaType(f"Content-Type must be application/json, not "

@@ -10,6 +10,9 @@ Why it works this way:
   one install at a time (a lock, taken in the order asked), and the request answers at once.
 - Once the model's YAML is written, the models directory is read again (``live_reload.reload_models``,
   what SIGHUP and ``POST /models/reload`` do): the model is served at once, without a restart.
+- An install never silently replaces a model the gallery did not install (a hand-written YAML, an export):
+  that is a 409 before any job starts, unless the request says ``"overwrite": true``. The gallery marks
+  the YAMLs it writes (``gallery.install.check_target``).
 - Installing is an admin action: installs and their jobs are ``admin_only`` (user keys get 403; with only
   ``--api-keys`` every key is an admin), and ``--disable-gallery-api`` turns these routes off (403). The
   gallery's list (``/models/available``) is open to every key: it changes nothing.
@@ -37,8 +40,17 @@ from localai_aio import keys
 from localai_aio.access import admin_only
 from localai_aio.api.images import public_base
 from localai_aio.config import conf_file
-from localai_aio.errors import APIError, InternalError, InvalidRequest, NotFound
-from localai_aio.gallery.install import Gallery, GalleryEntry, InstallError, install, is_installed, load_gallery
+from localai_aio.errors import APIError, Conflict, InternalError, InvalidRequest, NotFound
+from localai_aio.gallery.install import (
+    Gallery,
+    GalleryEntry,
+    InstallError,
+    NotFromGallery,
+    check_target,
+    install,
+    is_installed,
+    load_gallery,
+)
 from localai_aio.live_reload import reload_models
 from localai_aio.middlewares import EXPECTS_JSON
 from localai_aio.openapi import answers
@@ -134,7 +146,7 @@ async def _gallery(request: web.Request) -> Gallery:
         raise InternalError("The model gallery cannot be read; the server log says why") from None
 
 
-async def _run(app: web.Application, installs: Installs, job: Job, entry: GalleryEntry) -> None:
+async def _run(app: web.Application, installs: Installs, job: Job, entry: GalleryEntry, overwrite: bool) -> None:
     loop = asyncio.get_running_loop()
     counter = iter(range(1, 1 << 30))
 
@@ -148,7 +160,7 @@ async def _run(app: web.Application, installs: Installs, job: Job, entry: Galler
         log.info("installing %s from the gallery (job %s)", entry.name, job.id)
         models = Path(app[keys.SETTINGS].models_path)
         try:
-            fresh = await run_blocking(installs.thread, install, entry, models, report=report)
+            fresh = await run_blocking(installs.thread, install, entry, models, overwrite=overwrite, report=report)
         except InstallError as exc:
             job.finish("failed", f"install of {entry.name} failed: {exc} (nothing was written)")
         except InstallStopped:
@@ -172,7 +184,8 @@ async def _run(app: web.Application, installs: Installs, job: Job, entry: Galler
 @admin_only
 async def apply(request: web.Request) -> web.Response:
     """Install a gallery entry in the background: ``{"id": "<entry>"}`` (or LocalAI's ``gallery@entry``, or
-    ``{"name": ...}``) answers ``{"uuid", "status": "<URL of GET /models/jobs/{uuid}>"}`` at once.
+    ``{"name": ...}``) answers ``{"uuid", "status": "<URL of GET /models/jobs/{uuid}>"}`` at once; 409 when
+    a model of that name that the gallery did not install is there, unless ``"overwrite": true``.
 
     Not in /swagger.json: a document cannot say which ids the gallery has without naming real entries,
     and then every client generated from it (and the fuzzing tests) would start real downloads.
@@ -189,19 +202,34 @@ async def apply(request: web.Request) -> web.Response:
     if not wanted or not wanted.strip():
         raise InvalidRequest("'id' is required: the gallery entry to install (GET /models/available lists "
                              "them)", param="id")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InvalidRequest("'overwrite' must be a boolean: true replaces a model of the same name that the "
+                             "gallery did not install", param="overwrite")
     name = wanted.strip().rpartition("@")[2]  # LocalAI's ids are gallery@name
     entry = (await _gallery(request)).entries.get(name)
     if entry is None:
         raise NotFound(f"'{name}' is not in the gallery (GET /models/available lists its entries)", param="id")
+    await _check_target(request, entry, overwrite)  # said now, not in a job; the install checks again
     job = Job(str(uuid.uuid4()), entry.name, steps=len(entry.files) + len(entry.post))
     installs.add(job)
-    task = asyncio.ensure_future(_run(request.app, installs, job, entry))
+    task = asyncio.ensure_future(_run(request.app, installs, job, entry, overwrite))
     installs.tasks.add(task)
     task.add_done_callback(installs.tasks.discard)
     return web.json_response({"uuid": job.id, "status": f"{public_base(request)}/models/jobs/{job.id}"})
 
 
 setattr(apply, EXPECTS_JSON, True)
+
+
+async def _check_target(request: web.Request, entry: GalleryEntry, overwrite: bool) -> None:
+    models = Path(request.app[keys.SETTINGS].models_path)
+    try:
+        await run_blocking(request.app[keys.EXECUTOR], check_target, entry, models, overwrite=overwrite)
+    except NotFromGallery as exc:
+        raise Conflict(f"{exc}; send \"overwrite\": true to replace it", param="overwrite") from None
+    except InstallError as exc:  # a name that cannot be a model's (".", a path)
+        raise InvalidRequest(str(exc), param="id") from None
 
 
 @routes.get("/models/jobs/{uuid}")

@@ -2,7 +2,8 @@
 
 Images are kept in the blob store (``generated-images/<name>``: under ``--config-dir`` unless
 ``--blob-url`` says otherwise), so that every replica serves the images any of them made; names are
-made by the server (32 hex digits) and images are removed once older than ``--generated-max-age``.
+made by the server (32 hex digits) and images are removed once older than ``--generated-max-age`` (or
+``--retention-days``, when shorter) by the retention sweep (``retention``).
 Generation runs off the event loop and stops between denoising steps when the client leaves.
 """
 
@@ -23,8 +24,8 @@ from localai_aio import keys
 from localai_aio.api.common import json_route, now, resolve_model, storage_call
 from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.openapi import answers
-from localai_aio.runtime import CancelFlag, run_blocking
-from localai_aio.store.blobs import BlobNotFound, BlobStore, BlobUnavailable
+from localai_aio.runtime import CancelFlag
+from localai_aio.store.blobs import BlobNotFound, BlobStore
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -55,21 +56,6 @@ def remove_old_images(blobs: BlobStore, max_age: float, now_: float | None = Non
     for key in old:
         blobs.delete(key)
     return len(old)
-
-
-async def cleanup_loop(app: web.Application) -> None:
-    settings = app[keys.SETTINGS]
-    while True:
-        await asyncio.sleep(max(1.0, min(settings.generated_max_age / 4, 300)))
-        try:
-            removed = await run_blocking(app[keys.EXECUTOR], remove_old_images, app[keys.BLOBS],
-                                         settings.generated_max_age)
-            if removed:
-                log.info("removed %d generated image(s) older than %g s", removed, settings.generated_max_age)
-        except BlobUnavailable as exc:  # tried again next round
-            log.warning("cleaning generated images failed: %s", exc)
-        except OSError:
-            log.exception("cleaning generated images failed")
 
 
 def _int(body: dict[str, Any], key: str, lo: int, hi: int | None) -> int | None:

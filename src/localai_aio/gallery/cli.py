@@ -60,7 +60,7 @@ def _quiet_third_parties() -> None:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from localai_aio.gallery.install import InstallError, install
+    from localai_aio.gallery.install import InstallError, NotFromGallery, install
 
     gallery, models = _gallery(args), _models_path(args)
     names = list(args.names) + (list(gallery.defaults) if args.defaults else [])
@@ -75,7 +75,11 @@ def _install(args: argparse.Namespace) -> int:
             name = entry.name
             # a terminal gets progress bars; anything else one line per step, for scripts and logs
             report = None if sys.stderr.isatty() else (lambda step, name=name: print(f"{name}: {step}", flush=True))
-            done = install(entry, models, find_links=args.find_links or (), force=args.force, report=report)
+            done = install(entry, models, find_links=args.find_links or (), force=args.force, overwrite=args.force,
+                           report=report)
+        except NotFromGallery as exc:
+            print(f"install of {name} refused: {exc} (--force replaces it)", file=sys.stderr)
+            return 1
         except InstallError as exc:
             print(f"install of {name} failed: {exc} (nothing was written)", file=sys.stderr)
             return 1
@@ -99,9 +103,16 @@ def _entry(gallery, name: str):  # noqa: ANN001, ANN202
 
 
 def _remove(args: argparse.Namespace) -> int:
+    from localai_aio.config import ConfigError, model_folder
     from localai_aio.gallery.install import remove
 
     models = _models_path(args)
+    try:
+        for name in args.names:  # every name is checked before anything is removed
+            model_folder(models, name)
+    except ConfigError as exc:
+        print(f"remove refused: {exc} (nothing was removed)", file=sys.stderr)
+        return 2
     status = 0
     for name in args.names:
         if remove(name, models):
@@ -123,22 +134,22 @@ EXPORTS = {
 
 def _export(args: argparse.Namespace) -> int:
     """Export a local folder (or a Hub id, where the Hub is reachable) to ONNX and write its YAML."""
-    import shutil
     import tempfile
 
     import yaml
 
-    from localai_aio.config import ConfigError, resolve_inside
+    from localai_aio.config import ConfigError, model_folder
     from localai_aio.gallery import export as exporters
+    from localai_aio.gallery.install import remove
 
     models = _models_path(args)
     backend, function, usecase = EXPORTS[args.task]
     try:
-        target = resolve_inside(models, args.name)
+        target = model_folder(models, args.name)
     except ConfigError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
-    if (models / f"{args.name}.yaml").exists() and not args.force:
+    if ((models / f"{args.name}.yaml").exists() or target.exists()) and not args.force:
         print(f"{args.name} already exists in {models} (use --force to replace it)", file=sys.stderr)
         return 1
     models.mkdir(parents=True, exist_ok=True)
@@ -154,8 +165,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.alias:
             config["aliases"] = list(args.alias)
         (Path(tmp) / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        if target.exists():
-            shutil.rmtree(target)
+        remove(args.name, models)  # the old one, if --force: its folder, a link unlinked, never followed
         os.replace(staged, target)
         os.replace(Path(tmp) / "model.yaml", models / f"{args.name}.yaml")
     print(f"{args.name}: exported to {target} and configured in {models / (args.name + '.yaml')}")
@@ -180,7 +190,9 @@ def add_models_command(sub: argparse._SubParsersAction) -> None:
     inst.add_argument("names", nargs="*", metavar="NAME",
                       help="gallery entries, or LocalAI gallery files or URLs (FILE.yaml, FILE.yaml#NAME for an index)")
     inst.add_argument("--defaults", action="store_true", help="Also install the gallery's default models.")
-    inst.add_argument("--force", action="store_true", help="Reinstall even when already installed.")
+    inst.add_argument("--force", action="store_true",
+                      help="Reinstall even when already installed, and replace a model of the same name that the "
+                      "gallery did not install (a hand-written YAML, an export).")
     inst.add_argument("--verbose", action="store_true", help="Show the warnings of the export tool chain.")
     inst.add_argument("--find-links", action="append", metavar="DIR",
                       help="Take PyPI sources only from this folder of wheels (offline installs).")

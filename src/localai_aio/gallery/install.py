@@ -4,6 +4,8 @@ An entry's files are fetched, joined and checked (sha256) in a temporary folder 
 directory; then the finished folder ``<models>/<name>/`` is renamed into place in one step and the
 model YAML ``<models>/<name>.yaml`` is written last (also by rename). The server only serves a
 model once its YAML exists, so an interrupted or failed install never leaves a half-written model.
+The YAML carries the gallery's mark (``INSTALLED_BY``): an install replaces a model of its name only when
+the gallery installed it, or when told to (``check_target``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from localai_aio.config import ConfigError, resolve_inside
+from localai_aio.config import ConfigError, model_folder, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ HUB_ATTEMPTS = 4
 
 class InstallError(Exception):
     """An install failed; the message says which step and why. Nothing was left behind."""
+
+
+class NotFromGallery(InstallError):
+    """The install would replace a model the gallery did not install (a hand-written YAML, an export):
+    refused unless the caller says to replace it (``models install --force``, ``"overwrite": true``)."""
 
 
 @dataclass(frozen=True)
@@ -353,14 +360,51 @@ def run_step(step: Mapping[str, Any], staged: Path) -> None:
 
 # -- install / remove ---------------------------------------------------------------------------------------
 
+#: The key and value every YAML the gallery writes carries: how a later install knows that the model of that
+#: name is the gallery's to replace, and not one written by hand.
+INSTALLED_BY = ("installed_by", "gallery")
+
+
 def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
-    """The entry's model config with paths made relative to the models directory."""
-    config = {"name": entry.name, **{k: v for k, v in entry.config.items() if k != "name"}}
+    """The entry's model config with paths made relative to the models directory, marked as the gallery's."""
+    config = {"name": entry.name, **{k: v for k, v in entry.config.items() if k not in ("name", INSTALLED_BY[0])}}
     params = dict(config.get("parameters") or {})
     if "model" in params:
         params["model"] = f"{entry.name}/{params['model']}"
     config["parameters"] = params
+    config[INSTALLED_BY[0]] = INSTALLED_BY[1]
     return config
+
+
+def _folder(models: Path, name: str) -> Path:
+    try:
+        return model_folder(models, name)
+    except ConfigError as exc:
+        raise InstallError(str(exc)) from None
+
+
+def _installed_by_gallery(config: Path) -> bool:
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get(INSTALLED_BY[0]) == INSTALLED_BY[1]
+
+
+def check_target(entry: GalleryEntry, models: Path, *, overwrite: bool = False) -> Path:
+    """The entry's folder in ``models``, once two things are known: its name is a model name (one plain file
+    name: never ``.``, ``..`` or a path), and, unless ``overwrite``, installing it would not replace a model
+    the gallery did not install (``NotFromGallery``): a YAML without the gallery's mark, or a folder of
+    that name without a YAML (another model's files may be in it). Nothing there, the gallery's own
+    install, or a folder already holding this entry's files (an install from before the mark) is fine."""
+    folder = _folder(models, entry.name)
+    config = models / f"{entry.name}.yaml"
+    present = config.exists() or folder.exists() or folder.is_symlink()
+    if overwrite or not present or _fetched(models, entry) or _installed_by_gallery(config):
+        return folder
+    what = "its YAML has no gallery mark" if config.exists() else f"the folder {folder.name}/ is not the gallery's"
+    raise NotFromGallery(f"{entry.name} is already a model in {models} that the gallery did not install ({what}); "
+                         "installing would replace it")
 
 
 def _fetched(models: Path, entry: GalleryEntry) -> bool:
@@ -376,14 +420,12 @@ def is_installed(models: Path, entry: GalleryEntry) -> bool:
 
 
 def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = (), force: bool = False,
-            report: Callable[[str], None] | None = None) -> bool:
-    """Install one entry; returns False when it was already installed (and ``force`` is off). ``report``
-    hears of each step as it starts ("fetch 1/2 model.gguf", "export 1/1 whisper", ...)."""
+            overwrite: bool = False, report: Callable[[str], None] | None = None) -> bool:
+    """Install one entry; returns False when it was already installed (and ``force`` is off). A model of
+    the same name that the gallery did not install is replaced only with ``overwrite`` (``check_target``).
+    ``report`` hears of each step as it starts ("fetch 1/2 model.gguf", "export 1/1 whisper", ...)."""
+    target = check_target(entry, models, overwrite=overwrite)
     models.mkdir(parents=True, exist_ok=True)
-    try:
-        target = resolve_inside(models, entry.name)
-    except ConfigError as exc:
-        raise InstallError(str(exc)) from None
     if is_installed(models, entry) and not force:
         return False
     say = report or (lambda _: None)
@@ -424,11 +466,14 @@ def _add_alignments(entry: GalleryEntry, models: Path, say: Callable[[str], None
 
 
 def remove(name: str, models: Path) -> bool:
-    """Remove an installed model (its YAML first, so it stops being served, then its folder)."""
+    """Remove an installed model (its YAML first, so it stops being served, then its folder). A name that
+    is not one plain file name (``.``, ``..``, a path) is refused: it could name the models directory."""
+    folder = _folder(models, name)
     config = models / f"{name}.yaml"
-    folder = resolve_inside(models, name)
-    found = config.exists() or folder.exists()
+    found = config.exists() or folder.exists() or folder.is_symlink()
     config.unlink(missing_ok=True)
-    if folder.is_dir():
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.is_dir():
         shutil.rmtree(folder)
     return found

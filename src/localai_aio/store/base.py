@@ -110,4 +110,14 @@ class Store(Protocol):
 
     def delete_file(self, file_id: str, *, who: Principal = OPEN) -> None: ...
 
+    # retention: what is old enough to delete (``delete_response`` and ``delete_file`` delete it)
+    def response_ids_before(self, before: float, limit: int) -> list[str]:
+        """Ids of finished responses created before ``before`` (Unix seconds), oldest first, at most ``limit``;
+        a background response still running is never among them."""
+        ...
+
+    def file_ids_before(self, before: float, limit: int) -> list[str]:
+        """Ids of files created before ``before`` (Unix seconds), oldest first, at most ``limit``."""
+        ...
+
     def close(self) -> None: ...

@@ -345,3 +345,14 @@ class SQLStore:
     def delete_file(self, file_id: str, *, who: Principal = OPEN) -> None:
         self._delete("files", file_id, "file", who)
         self.blobs.delete(FILES + file_id)
+
+    # -- retention ------------------------------------------------------------------------------------------
+
+    def response_ids_before(self, before: float, limit: int) -> list[str]:
+        rows = self._query("SELECT id FROM responses WHERE created_at < ? AND status NOT IN (?, ?) ORDER BY seq "
+                           "LIMIT ?", (before, *UNFINISHED, limit))
+        return [row["id"] for row in rows]
+
+    def file_ids_before(self, before: float, limit: int) -> list[str]:
+        rows = self._query("SELECT id FROM files WHERE created_at < ? ORDER BY seq LIMIT ?", (before, limit))
+        return [row["id"] for row in rows]
