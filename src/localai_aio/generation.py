@@ -47,6 +47,7 @@ class GenParams:
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
     repeat_last_n: int = 64  # tokens the penalties look back over (-1: the whole context, 0: none)
+    cache_scope: str = ""  # requests reuse each other's cached prompt tokens only within one scope
 
     def for_choice(self, index: int) -> GenParams:
         """Choice ``i`` of ``n`` uses seed + i, so n choices differ yet the request stays reproducible."""
@@ -353,8 +354,10 @@ def parse_stop(value: Any, extra: Sequence[str] = ()) -> tuple[str, ...]:
 
 def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwords: Sequence[str] = (),
                  logprobs: int | None = None, grammar: str | None = None,
-                 grammar_param: str = "grammar") -> GenParams:
-    """Model YAML ``parameters`` give the defaults; the request overrides them."""
+                 grammar_param: str = "grammar", cache_scope: str = "") -> GenParams:
+    """Model YAML ``parameters`` give the defaults; the request overrides them. ``cache_scope`` is whose
+    cached prompts the request may reuse (its key's); a request's ``cache_salt`` (vLLM's field) narrows
+    it further, so even one key's clients can keep their prompts apart."""
     merged = {**{k: v for k, v in defaults.items() if v is not None},
               **{k: v for k, v in body.items() if v is not None}}
     _refused(merged)
@@ -364,6 +367,9 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
         key = "max_completion_tokens" if "max_completion_tokens" in merged else "max_tokens"
         max_tokens = _integer({key: max_tokens}, key, None, bounds="max_tokens")
     seed = _integer(merged, "seed", None)
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise InvalidRequest("Invalid value for 'cache_salt': must be a string", param="cache_salt")
     return GenParams(
         max_tokens=max_tokens,
         temperature=float(_number(merged, "temperature", base.temperature)),
@@ -385,6 +391,7 @@ def parse_params(body: Mapping[str, Any], defaults: Mapping[str, Any], *, stopwo
         mirostat_tau=float(_number(merged, "mirostat_tau", base.mirostat_tau)),
         mirostat_eta=float(_number(merged, "mirostat_eta", base.mirostat_eta)),
         repeat_last_n=int(_integer(merged, "repeat_last_n", base.repeat_last_n)),
+        cache_scope=cache_scope if not salt else f"{cache_scope}|{salt}",
     )
 
 

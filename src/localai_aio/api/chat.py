@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from localai_aio import keys
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stream_options
 from localai_aio.config import ModelConfig
@@ -235,7 +236,8 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
     logprobs = chat_logprobs(body)
     plan = plan_tools(body, cfg.function)
     params = parse_params(body, sampling_defaults(cfg), stopwords=cfg.stopwords, logprobs=logprobs,
-                          grammar=plan.grammar, grammar_param=plan.grammar_param)
+                          grammar=plan.grammar, grammar_param=plan.grammar_param,
+                          cache_scope=request[keys.PRINCIPAL].cache_scope)
 
     def build(engine: TextEngine) -> list[list[int]]:
         info = engine.info

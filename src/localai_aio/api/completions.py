@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from localai_aio import keys
 from localai_aio.api.chat import sampling_defaults
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.text import TextJob, serve_text, stream_options
@@ -115,7 +116,8 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
     logprobs = _logprobs(body)
     plan = plan_tools({"grammar": body.get("grammar"), "response_format": body.get("response_format")}, {})
     params = parse_params(body, sampling_defaults(cfg), stopwords=cfg.stopwords, logprobs=logprobs,
-                          grammar=plan.grammar, grammar_param=plan.grammar_param)
+                          grammar=plan.grammar, grammar_param=plan.grammar_param,
+                          cache_scope=request[keys.PRINCIPAL].cache_scope)
 
     echo_texts: list[str] = []
 

@@ -15,6 +15,9 @@ cache; the cache therefore never crowds the context, and attention never spans i
 a tenth). A new request starts from the longest prefix of its prompt found there, or in a busy slot's
 cells (that is how the ``n`` choices of one request share their prompt), and prefills only the rest:
 a conversation's next turn computes only the new messages. A cancelled request's cells are dropped.
+Prefixes are shared only within one ``cache_scope`` (an API key's, see ``principal``): a prompt computed
+for another key is never reused, so neither ``cached_tokens`` nor the time to first token tells one user
+what another one asked.
 """
 
 from __future__ import annotations
@@ -110,14 +113,15 @@ class _Slot:
 
 
 class _Saved:
-    """A finished request's cells, copied to host memory with the tokens they hold."""
+    """A finished request's cells, copied to host memory with the tokens they hold and whose they are."""
 
-    __slots__ = ("tokens", "state", "last_used")
+    __slots__ = ("tokens", "state", "last_used", "scope")
 
-    def __init__(self, tokens: list[int], state: ctypes.Array, last_used: float):
+    def __init__(self, tokens: list[int], state: ctypes.Array, last_used: float, scope: str):
         self.tokens = tokens
         self.state = state
         self.last_used = last_used
+        self.scope = scope
 
 
 class _Seq:
@@ -397,10 +401,12 @@ class LlamaCppEngine:
         """Start ``seq`` in a free slot from the longest prefix of its prompt that is already computed."""
         ll, prompt, slot = self._ll, seq.prompt, free[0]
         limit = len(prompt) - 1  # at least one prompt token is decoded, for the logits to sample from
-        donor = max((s for s in self._slots if s.seq is not None), default=None,
-                    key=lambda s: _common_prefix(s.tokens, prompt))
+        scope = seq.params.cache_scope
+        donor = max((s for s in self._slots if s.seq is not None and s.seq.params.cache_scope == scope),
+                    default=None, key=lambda s: _common_prefix(s.tokens, prompt))
         shared = min(_common_prefix(donor.tokens, prompt), limit) if donor is not None else 0
-        saved = max(self._saved, default=None, key=lambda e: _common_prefix(e.tokens, prompt))
+        saved = max((e for e in self._saved if e.scope == scope), default=None,
+                    key=lambda e: _common_prefix(e.tokens, prompt))
         restored = min(_common_prefix(saved.tokens, prompt), limit) if saved is not None else 0
         keep = 0
         if max(shared, restored) >= MIN_CACHED_TOKENS:
@@ -608,7 +614,7 @@ class LlamaCppEngine:
         if slot is not None:
             slot.seq = None
             if keep_cache:
-                self._save(slot)
+                self._save(slot, seq.params.cache_scope)
             self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
             slot.tokens = []
         if seq.sampler:
@@ -616,7 +622,7 @@ class LlamaCppEngine:
             seq.sampler = None
         seq.matcher = None
 
-    def _save(self, slot: _Slot) -> None:
+    def _save(self, slot: _Slot, scope: str) -> None:
         """Copy a finished slot's cells to host memory (least recently used copies go first)."""
         ll, tokens = self._ll, slot.tokens
         if len(tokens) < MIN_CACHED_TOKENS or not self.cache_limit:
@@ -628,9 +634,9 @@ class LlamaCppEngine:
         if ll.llama_state_seq_get_data(self._ctx, state, size, slot.id) != size:
             return
         # A copy whose tokens this one extends holds nothing more.
-        for old in [e for e in self._saved if _common_prefix(e.tokens, tokens) == len(e.tokens)]:
+        for old in [e for e in self._saved if e.scope == scope and _common_prefix(e.tokens, tokens) == len(e.tokens)]:
             self._forget(old)
-        self._saved.append(_Saved(list(tokens), state, time.monotonic()))
+        self._saved.append(_Saved(list(tokens), state, time.monotonic(), scope))
         self._saved_bytes += size
         while self._saved_bytes > self.cache_limit:
             self._forget(min(self._saved, key=lambda e: e.last_used))
