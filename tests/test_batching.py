@@ -193,7 +193,9 @@ async def test_queue_beyond_the_slots_is_503(make_client, tmp_path: Path, batch_
 
 
 async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """Chat, completions, tokenization, grammars, embeddings, cancellation and unload: one thread per engine."""
+    """Chat, completions, tokenization, grammars, embeddings, cancellation and unload: one thread per engine.
+    Reading llama.cpp's vocabulary (tokenizing, rendering pieces, parsing a grammar) may also happen on
+    worker threads, so a long prompt never stalls the decode loop, but never on the event loop's."""
     import llama_cpp
     import onnxruntime
 
@@ -202,13 +204,15 @@ async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path,
     def record(kind: str) -> None:
         seen.setdefault(kind, set()).add((threading.current_thread().name, threading.get_ident()))
 
-    for name in ("llama_model_load_from_file", "llama_init_from_model", "llama_tokenize", "llama_token_to_piece",
-                 "llama_decode", "llama_get_logits_ith", "llama_sampler_sample", "llama_sampler_init_grammar",
-                 "llama_get_embeddings_seq", "llama_memory_seq_rm", "llama_free", "llama_model_free"):
+    vocabulary = ("llama_tokenize", "llama_token_to_piece", "llama_sampler_init_grammar")
+    for name in ("llama_model_load_from_file", "llama_init_from_model", "llama_decode", "llama_get_logits_ith",
+                 "llama_sampler_sample", "llama_get_embeddings_seq", "llama_memory_seq_rm", "llama_free",
+                 "llama_model_free", *vocabulary):
         original = getattr(llama_cpp, name)
 
-        def wrapper(*args, __original=original, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            record("llama")
+        def wrapper(*args, __original=original, __kind="vocabulary" if name in vocabulary else "llama",
+                    **kwargs):  # noqa: ANN002, ANN003, ANN202
+            record(__kind)
             return __original(*args, **kwargs)
 
         monkeypatch.setattr(llama_cpp, name, wrapper)
@@ -258,6 +262,8 @@ async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path,
             break
         await asyncio.sleep(0.05)
     assert "localai_loaded_models 0.0" in report
+    readers = {name for name, _ in seen.pop("vocabulary")}
+    assert readers and threading.main_thread().name not in readers
     assert {kind: [name for name, _ in threads] for kind, threads in seen.items()} == {
         "llama": ["engine-g-0"], "onnx": ["engine-e-0"]}  # one thread each, from load to close
 

@@ -76,6 +76,9 @@ async def test_prompt_preparation(make_client, tmp_path: Path, tiny_gguf: Path, 
     resp = await client.post(CHAT, json={"model": "g", "messages": HI, "max_tokens": 3})
     assert resp.status == 200
     assert (await resp.json())["usage"]["completion_tokens"] == 3
-    (first_start, first_end), (second_start, _) = timeline.work
+    for _ in range(100):  # llama.cpp prepares prompts off its decode thread: the two may overlap
+        if len(timeline.work) == 2:
+            break
+        await asyncio.sleep(0.05)
+    first_end = min(end for _, end in timeline.work)
     assert timeline.released[0] >= first_end  # the first request held the engine until its work ended
-    assert second_start >= first_end

@@ -101,10 +101,18 @@ def text_of(content: Any, where: str) -> str:
     raise InvalidRequest(f"Invalid value for '{where}': must be a string or a list of parts", param=where)
 
 
+#: Messages in one conversation at most (the request's and, for the Responses API, the stored turns before
+#: it): every one is checked and rendered before generating, so their number bounds that work.
+MAX_MESSAGES = 50_000
+
+
 def normalize_messages(messages: Any, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """Validate OpenAI messages and shape them for templates (text content, ``developer`` -> ``system``)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"Too many messages: {len(messages)}; at most {MAX_MESSAGES} per conversation",
+                             param="messages")
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages.{i}"

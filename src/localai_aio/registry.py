@@ -71,9 +71,24 @@ class EngineHandle:
         stop, and the work is awaited all the same: the instance goes back to the pool only once its
         thread is done with it, so the next request never finds it busy.
         """
+        return await self._awaited(self.thread, fn, *args, cancel=cancel, **kwargs)
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn``, which only reads the engine's vocabulary (tokenizing a prompt, checking a grammar).
+
+        An engine whose vocabulary is read-only (``reads_anywhere``: llama.cpp's is; its own server tokenizes
+        on its HTTP threads while the main loop decodes) has it done on a worker thread, so its decode loop
+        never waits for a long prompt's tokenization; other engines only on their own thread. Either way it
+        is awaited to its end, also when the caller is cancelled: the engine is never closed under a reader.
+        """
+        executor = None if getattr(self.engine, "reads_anywhere", False) else self.thread
+        return await self._awaited(executor, fn, *args)
+
+    async def _awaited(self, executor: EngineThread | None, fn: Callable[..., Any], *args: Any,
+                       cancel: CancelFlag | None = None, **kwargs: Any) -> Any:
         if cancel is not None:
             kwargs["cancel"] = cancel
-        future = asyncio.ensure_future(run_blocking(self.thread, fn, *args, **kwargs))
+        future = asyncio.ensure_future(run_blocking(executor, fn, *args, **kwargs))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -244,6 +259,11 @@ class ModelRegistry:
         for the call: for work that is one call (a batch of embeddings, a tokenization)."""
         async with self.acquire(name) as handle:
             return await handle.run(fn, handle.engine, *args)
+
+    async def read(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(engine, *args)`` where it only reads the vocabulary (see ``EngineHandle.read``)."""
+        async with self.acquire(name) as handle:
+            return await handle.read(fn, handle.engine, *args)
 
     @contextlib.asynccontextmanager
     async def acquire(self, name: str) -> AsyncIterator[EngineHandle]:

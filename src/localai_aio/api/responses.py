@@ -165,29 +165,49 @@ class ResponseRequest:
     items: list[dict[str, Any]]
     chat: dict[str, Any] = field(default_factory=dict)
 
-    def drop_oldest(self) -> bool:
-        """``truncation: auto``: forget the conversation's oldest message (and tool results whose call
-        went with it); the newest input always stays. Whether anything was dropped."""
-        if len(self.messages) <= 1:
-            return False
-        del self.messages[0]
-        while len(self.messages) > 1 and self.messages[0]["role"] == "tool":
-            del self.messages[0]
+    def starts(self) -> list[int]:
+        """Where a conversation cut by ``truncation: auto`` may begin: the first message, or any later one
+        that is not a tool result (its call would be gone); the newest input always stays."""
+        last = len(self.messages) - 1
+        return [i for i, m in enumerate(self.messages) if i in (0, last) or m["role"] != "tool"]
+
+    def keep_from(self, start: int) -> dict[str, Any]:
+        """The chat request of the conversation from message ``start`` on (the instructions stay)."""
         system = self.chat["messages"][:1] if self.body.get("instructions") else []
-        self.chat["messages"] = system + self.messages
-        return True
+        return {**self.chat, "messages": system + self.messages[start:]}
+
+    def cut(self, start: int) -> None:
+        self.chat = self.keep_from(start)
+        del self.messages[:start]
 
 
 async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[TextJob, ToolPlan]:
     """The chat job; with ``truncation: auto``, of a conversation cut from its start until the prompt
-    leaves room to answer (``disabled``, the default, answers 400 context_length_exceeded instead)."""
-    while True:
-        job, plan = build_chat_job(request, parsed.chat)
-        if parsed.body.get("truncation") != "auto":
-            return job, plan
-        tokens, context = await prompt_fit(request.app, job)
-        if tokens < context or not parsed.drop_oldest():
-            return job, plan
+    leaves room to answer (``disabled``, the default, answers 400 context_length_exceeded instead).
+
+    The cut is found by bisection over where the conversation may begin, among the last ``context``
+    messages only (each message takes at least one token): a handful of renders and tokenizations of at
+    most a context's worth of messages, off the decode thread, however long the conversation.
+    """
+    job, plan = build_chat_job(request, parsed.chat)
+    if parsed.body.get("truncation") != "auto":
+        return job, plan
+    tokens, context = await prompt_fit(request.app, job)
+    if tokens < context:
+        return job, plan
+    starts = [i for i in parsed.starts() if i >= len(parsed.messages) - context] or parsed.starts()[-1:]
+    low, high, fits = 0, len(starts) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        job, plan = build_chat_job(request, parsed.keep_from(starts[middle]))
+        tokens, _ = await prompt_fit(request.app, job)
+        if tokens < context:
+            fits, high = middle, middle - 1
+        else:
+            low = middle + 1
+    start = starts[fits if fits is not None else -1]  # nothing fits: the newest input alone, which answers 400
+    parsed.cut(start)
+    return build_chat_job(request, parsed.chat)
 
 
 async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest:

@@ -147,7 +147,7 @@ async def _generate(app: web.Application, job: TextJob, task: str, put: Callable
     metrics = app[keys.METRICS]
     started = time.perf_counter()
     async with app[keys.REGISTRY].acquire(job.cfg.name) as handle:
-        prompts = await handle.run(_prepare, handle.engine, job)
+        prompts = await handle.read(_prepare, handle.engine, job)
         prepared = Prepared(sum(len(p) for p in prompts), list(range(len(prompts) * job.n)), [0] * len(prompts))
         put(prepared)
         events = _events(handle, prompts, job, prepared.cached)
@@ -180,12 +180,12 @@ def fingerprint(cfg: ModelConfig) -> str:
 
 
 async def prompt_fit(app: web.Application, job: TextJob) -> tuple[int, int]:
-    """How many tokens ``job``'s prompts are, and the model's context: built on its engine's thread with
-    the model's own template and tokenizer, exactly as a generation builds them, without generating."""
+    """How many tokens ``job``'s prompts are, and the model's context: built with the model's own template
+    and tokenizer, exactly as a generation builds them, without generating."""
     def measure(engine: TextEngine) -> tuple[int, int]:
         return sum(len(p) for p in job.build_prompts(engine)), engine.n_ctx
 
-    return await app[keys.REGISTRY].call(job.cfg.name, measure)
+    return await app[keys.REGISTRY].read(job.cfg.name, measure)
 
 
 async def prompt_tokens(app: web.Application, job: TextJob) -> int:

@@ -47,7 +47,7 @@ async def tokenize(request: web.Request) -> web.Response:
         raise InvalidRequest("'content' (or 'prompt') is required", param="content")
     add_bos = body["add_special"] if "add_special" in body else body.get("add_special_tokens", "prompt" in body)
     cfg = resolve_model(request, body.get("model"), "completion")
-    return web.json_response(await request.app[keys.REGISTRY].call(
+    return web.json_response(await request.app[keys.REGISTRY].read(
         cfg.name, _tokenize, text, bool(add_bos), bool(body.get("with_pieces"))))
 
 
@@ -58,5 +58,5 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     body = request["data"]
     cfg = resolve_model(request, body.get("model"), "completion")
-    text = await request.app[keys.REGISTRY].call(cfg.name, _detokenize, body["tokens"])
+    text = await request.app[keys.REGISTRY].read(cfg.name, _detokenize, body["tokens"])
     return web.json_response({"content": text, "prompt": text})

@@ -160,6 +160,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class LlamaCppEngine:
+    #: Tokenizing, detokenizing and checking grammars only read the vocabulary, which llama.cpp never
+    #: changes after the load: they may run on any thread (see ``registry.EngineHandle.read``).
+    reads_anywhere = True
     supports_grammar = True
     supports_logprobs = True
     sampling = frozenset(EXTRA_SAMPLING)
