@@ -557,6 +557,8 @@ class LlamaCppEngine:
         candidates["p"] = 0.0
         array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), self.n_vocab, -1, False)
         ll.llama_sampler_apply(seq.sampler, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # no finite candidate was left: never read outside the array
+            return int(logits.argmax())
         return int(array.data[array.selected].id)
 
     def _refuse(self, seq: _Seq, why: str) -> None:
