@@ -229,3 +229,28 @@ def test_compiled_grammars_are_kept(tmp_path: Path) -> None:
         assert "unsatisfiable" in (engine.check_grammar(schema_grammar(INVERTED)) or "")
     finally:
         engine.close()
+
+
+DRY_MIDWAY = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}  # '{"a": ' then a digit
+
+
+def test_responses_and_messages_streams_that_run_dry_end_with_their_error_event(http: httpx.Client) -> None:
+    """The BPE model can write '{"a": ' but no digit: the stream has begun when the schema runs dry."""
+    for path, body in (
+        ("/v1/responses", {"input": "hi", "store": False, "text": {"format": {
+            "type": "json_schema", "name": "x", "schema": DRY_MIDWAY, "strict": True}}}),
+        ("/v1/messages", {"max_tokens": 40, "messages": HI, "tool_choice": {"type": "any"},
+                          "tools": [{"name": "f", "input_schema": DRY_MIDWAY}]}),
+    ):
+        with http.stream("POST", path, json={"model": "bpe", "stream": True, "temperature": 0, **body}) as resp:
+            assert resp.status_code == 200
+            lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        last = json.loads(lines[-1][len("data: "):])
+        if path == "/v1/responses":
+            assert last["type"] in ("error", "response.failed"), last
+            text = json.dumps(last)
+        else:
+            assert last["type"] == "error", last
+            text = last["error"]["message"]
+        assert "The output constraint cannot be continued" in text
+    still_serving(http)
