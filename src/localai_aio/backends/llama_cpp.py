@@ -529,18 +529,18 @@ class LlamaCppEngine:
             return None
         logits = self._logits(seq)
         token = self._draw(seq, logits)
-        if matcher.validate_tokens([token]) != 1:
+        if matcher.try_consume_tokens([token]) != 1:  # refused, and the matcher is as it was
             mask = allowed(matcher, self.n_vocab)
             if matcher.is_error() or not mask.any():
                 self._refuse(seq, matcher.get_error())
                 return None
             logits[~mask] = -np.inf
             token = self._draw(seq, logits)
+            if not matcher.consume_token(token):
+                self._refuse(seq, matcher.get_error() or "the grammar refused the next token")
+                return None
         if seq.sampler is not None:
             self._ll.llama_sampler_accept(seq.sampler, token)
-        if not matcher.consume_token(token):
-            self._refuse(seq, matcher.get_error() or "the grammar refused the next token")
-            return None
         return token
 
     def _draw(self, seq: _Seq, logits: np.ndarray) -> int:
