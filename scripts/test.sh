@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the tests on a fresh machine: tools, the llama-cpp-python wheel, the default models
-# (cached in ~/.cache/localai-aio), then the tox matrix. Extra arguments go to tox, e.g. `-e py311`.
+# (cached in ~/.cache/localai-aio), then every test on Python 3.11 and ruff. Extra arguments go to tox instead,
+# e.g. `-e py312,py313,onnx-gpu` (the rest of the matrix, which .ci/run also runs).
 source "$(dirname "$0")/common.sh"
 cd "$(dirname "$0")/.."
 
@@ -24,4 +25,7 @@ export LOCALAI_TEST_MODELS_PATH="${LOCALAI_TEST_MODELS_PATH:-$CACHE_DIR/models}"
 "$TOOLS/bin/tox" -e py311 --notest -q
 .tox/py311/bin/python -m localai_aio models install --defaults --models-path "$LOCALAI_TEST_MODELS_PATH"
 
+if [ "$#" -eq 0 ]; then
+    set -- -e py311,lint
+fi
 exec "$TOOLS/bin/tox" "$@"
