@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp_cors
 from aiohttp import web
-from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
+from aiohttp_apigami import setup_aiohttp_apispec
 
 from localai_aio import __version__, keys, openapi
 from localai_aio.access import AccessPolicy
@@ -140,8 +140,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
                           f"(configured: {', '.join(sorted(model_configs)) or 'none'})")
     app = web.Application(
         client_max_size=settings.upload_limit_bytes,
-        middlewares=[request_log_middleware, error_middleware, access_middleware, body_middleware,
-                     validation_middleware],
+        middlewares=[request_log_middleware, error_middleware, access_middleware, body_middleware],
     )
     app[keys.SETTINGS] = settings
     app[keys.ACCESS] = AccessPolicy.from_settings(settings)

@@ -213,6 +213,18 @@ def _token_logprob(step: TokenStep) -> TokenLogprob:
                         bytes=list(step.piece), top_logprobs=[entry(raw, lp) for raw, lp in step.top])
 
 
+def tokenize_prompt(engine: TextEngine, text: str, *, add_bos: bool, special: bool) -> list[int]:
+    """``engine.tokenize`` for a prompt, refusing at once a text that cannot fit the context whatever its
+    tokens: no token stands for more characters than the vocabulary's longest piece, so a 10 MB prompt
+    to a 4k-token model is a 400 in microseconds instead of after seconds of tokenizing."""
+    longest = getattr(engine, "longest_piece", 0)
+    if longest and len(text) > engine.n_ctx * longest:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {engine.n_ctx} tokens; the prompt has at least "
+            f"{len(text) // longest} tokens. Shorten the prompt.", param="messages")
+    return engine.tokenize(text, add_bos=add_bos, special=special)
+
+
 def check_prompt_fits(engine: TextEngine, prompt: Sequence[int]) -> None:
     if not prompt:
         raise InvalidRequest("The prompt is empty: it has no tokens for the model to continue", param="prompt")

@@ -18,6 +18,7 @@ EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", "Metrics")
 BACKENDS = web.AppKey("backends", dict)
 REQUEST_ID = web.RequestKey("request_id", str)
+BODY = web.RequestKey("body", dict)  # the JSON body, validated by its route's schema (middlewares.body_middleware)
 PRINCIPAL = web.RequestKey("principal", "Principal")  # who asked (principal.Principal), set by the access middleware
 ACCESS = web.AppKey("access", "AccessPolicy")  # Host, Origin and keys (access.AccessPolicy)
 STORE = web.AppKey("store", "Store")

@@ -124,7 +124,7 @@ def list_body(page: Page) -> dict[str, Any]:
 @routes.post("/v1/assistants")
 @json_route("post", "/v1/assistants", "assistants", use_case="chat", responses=answers("Assistant"))
 async def create_assistant(request: web.Request) -> web.Response:
-    fields = validate_assistant(request, request["data"], partial=False)
+    fields = validate_assistant(request, request[keys.BODY], partial=False)
     return web.json_response(await call_store(request, "create_assistant", fields))
 
 
@@ -145,7 +145,7 @@ async def get_assistant(request: web.Request) -> web.Response:
 @json_route("post", None, "assistants", schema=definition_schema("openai.AssistantRequest"),
             summary="Modify an assistant.", use_case="chat", responses=answers("Assistant"))
 async def modify_assistant(request: web.Request) -> web.Response:
-    fields = validate_assistant(request, request["data"], partial=True)
+    fields = validate_assistant(request, request[keys.BODY], partial=True)
     return web.json_response(await call_store(request, "update_assistant", request.match_info["assistant_id"],
                                               fields))
 
@@ -166,7 +166,7 @@ async def attach_file(request: web.Request) -> web.Response:
     count = len((await call_store(request, "get_assistant", assistant_id))["file_ids"])
     if count >= MAX_FILES:
         raise InvalidRequest(f"An assistant can have at most {MAX_FILES} files", param="file_id")
-    return web.json_response(await call_store(request, "attach_file", assistant_id, request["data"]["file_id"]))
+    return web.json_response(await call_store(request, "attach_file", assistant_id, request[keys.BODY]["file_id"]))
 
 
 @routes.get("/v1/assistants/{assistant_id}/files")

@@ -14,7 +14,7 @@ from localai_aio.api.common import json_route, new_id, now, registry, resolve_mo
 from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stream_options
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
-from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, parse_params
+from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, parse_params, tokenize_prompt
 from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.reasoning import ReasoningSplitter, markers_for
@@ -254,7 +254,7 @@ def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
                            tools=[dict(t) for t in plan.tools] or None)
         if job.reasoning is not None:  # e.g. "<|im_start|>assistant\n<think>\n": the answer starts thinking
             job.opens_reasoning = text.rstrip().endswith(job.reasoning.start)
-        ids = engine.tokenize(text, add_bos=False, special=True)
+        ids = tokenize_prompt(engine, text, add_bos=False, special=True)
         if info.add_bos and info.bos_id is not None and (not ids or ids[0] != info.bos_id):
             ids.insert(0, info.bos_id)
         return [ids]
@@ -323,5 +323,5 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
 @routes.post("/chat/completions")
 @json_route("post", "/v1/chat/completions", "chat", use_case="chat", responses=answers("ChatCompletion", stream=True))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    job, plan = build_chat_job(request, request["data"])
+    job, plan = build_chat_job(request, request[keys.BODY])
     return await serve_text(request, job, ChatFormat(plan, job), new_id("chatcmpl"), now())

@@ -35,7 +35,7 @@ def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Sch
     seed lacks) and validate its JSON body with it. ``use_case`` makes the documented ``model`` the
     models that serve it; ``responses`` (``openapi.answers``) documents what comes back.
 
-    The validated body is in ``request["data"]`` (apigami's validation middleware puts it there).
+    The validated body is in ``request[keys.BODY]`` (``middlewares.body_middleware`` puts it there).
     """
     body = schema or body_schema(method, spec_path)
     extra: dict[str, Any] = {"responses": responses} if responses else {}
@@ -43,8 +43,9 @@ def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Sch
         extra[openapi.USE_CASE] = use_case
 
     def wrap(handler: Handler) -> Handler:
-        setattr(handler, EXPECTS_JSON, True)
-        handler = request_schema(body(), location="json", required=True)(handler)
+        schema = body()
+        setattr(handler, EXPECTS_JSON, schema)
+        handler = request_schema(schema, location="json", required=True)(handler)  # documents the body
         return docs(tags=[tag], summary=summary or route_summary(method, spec_path), **extra)(handler)
 
     return wrap

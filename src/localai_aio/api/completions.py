@@ -12,7 +12,7 @@ from localai_aio.api.chat import sampling_defaults
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.text import TextJob, serve_text, stream_options
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
-from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params
+from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params, tokenize_prompt
 from localai_aio.openapi import answers
 from localai_aio.prompts import render_completion
 from localai_aio.tools import plan_tools
@@ -134,7 +134,7 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
             elif suffix:
                 out.append(_fim_ids(engine, prompt, suffix))
             else:
-                out.append(engine.tokenize(render_completion(cfg.template, prompt), add_bos=True, special=True))
+                out.append(tokenize_prompt(engine, render_completion(cfg.template, prompt), add_bos=True, special=True))
             if echo:
                 echo_texts.append(prompt if isinstance(prompt, str)
                                   else b"".join(engine.token_bytes(t) for t in prompt).decode("utf-8", "replace"))
@@ -151,5 +151,5 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
 @json_route("post", "/v1/completions", "completions", use_case="completion",
             responses=answers("Completion", stream=True))
 async def completions(request: web.Request) -> web.StreamResponse:
-    job = build_completion_job(request, request["data"])
+    job = build_completion_job(request, request[keys.BODY])
     return await serve_text(request, job, CompletionFormat(), new_id("cmpl"), now())

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
+from localai_aio import keys
 from localai_aio.api.common import json_route, registry
 from localai_aio.api.speech import Utterance, speak, speed_of, spoken, spoken_text, tts_model
 from localai_aio.audio import FORMATS
@@ -40,7 +41,7 @@ def _mp3_family(rate: int) -> str:
 
 
 def _utterance(request: web.Request) -> Utterance:
-    body = request["data"]
+    body = request[keys.BODY]
     text = spoken_text(body, "text" if "text" in body else "input")
     output = request.query.get("output_format", DEFAULT_OUTPUT)
     match = OUTPUT_FORMAT.match(output)

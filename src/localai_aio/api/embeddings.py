@@ -126,7 +126,7 @@ def _render(results: list[tuple[np.ndarray, int]], dimensions: int | None, encod
 @routes.post("/embeddings")
 @json_route("post", "/v1/embeddings", "embeddings", use_case="embeddings", responses=answers("Embeddings"))
 async def embeddings(request: web.Request) -> web.Response:
-    body = request["data"]
+    body = request[keys.BODY]
     cfg = resolve_model(request, body.get("model"), "embeddings")
     items = parse_inputs(body.get("input"), request.app[keys.SETTINGS].embeddings_max_inputs)
     encoding = body.get("encoding_format", "float")

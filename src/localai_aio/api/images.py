@@ -84,7 +84,7 @@ def parse_size(value: Any, default: str, limit: int) -> tuple[int, int]:
 @routes.post("/images/generations")
 @json_route("post", "/v1/images/generations", "images", use_case="image", responses=answers())
 async def generate_images(request: web.Request) -> web.Response:
-    body = request["data"]
+    body = request[keys.BODY]
     cfg = resolve_model(request, body.get("model"), "image")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():

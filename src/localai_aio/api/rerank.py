@@ -79,7 +79,7 @@ def render(ranked: Sequence[Ranked], documents: Sequence[str], *, top_n: int, wi
             summary="Order documents by their relevance to a query (Jina's and Cohere's rerank API).",
             responses=answers("Rerank"))
 async def rerank(request: web.Request) -> web.Response:
-    body = request["data"]
+    body = request[keys.BODY]
     cfg = resolve_model(request, body.get("model"), "rerank")
     documents = parse_documents(body.get("documents"), request.app[keys.SETTINGS].embeddings_max_inputs)
     top_n = parse_top_n(body.get("top_n"), len(documents))

@@ -27,7 +27,8 @@ from localai_aio.api.assistants import call_store, list_body, list_params, store
 from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob, prompt_fit
-from localai_aio.errors import APIError, InvalidRequest, NotFound, failure
+from localai_aio.backends.base import context_size_for
+from localai_aio.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, failure
 from localai_aio.openapi import answers
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
@@ -183,30 +184,37 @@ class ResponseRequest:
 
 async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[TextJob, ToolPlan]:
     """The chat job; with ``truncation: auto``, of a conversation cut from its start until the prompt
-    leaves room to answer (``disabled``, the default, answers 400 context_length_exceeded instead).
+    leaves room for the answer (``disabled``, the default, answers 400 context_length_exceeded instead).
 
     The cut is found by bisection over where the conversation may begin, among the last ``context``
-    messages only (each message takes at least one token): a handful of renders and tokenizations of at
-    most a context's worth of messages, off the decode thread, however long the conversation.
+    messages only (each message takes at least one token), and a conversation of more messages than that is
+    not measured whole: a handful of renders and tokenizations of at most a context's worth of messages,
+    off the decode thread, however long the conversation.
     """
     job, plan = build_chat_job(request, parsed.chat)
     if parsed.body.get("truncation") != "auto":
         return job, plan
-    tokens, context = await prompt_fit(request.app, job)
-    if tokens < context:
+    context = context_size_for(job.cfg, request.app[keys.SETTINGS])
+    room = min(job.params.max_tokens or 1, context // 2)  # what the answer needs
+
+    async def fits(candidate: TextJob) -> bool:
+        try:
+            tokens, _ = await prompt_fit(request.app, candidate)
+        except ContextLengthExceeded:  # refused before tokenizing: far too long
+            return False
+        return tokens + room <= context
+
+    if len(parsed.messages) <= context and await fits(job):
         return job, plan
     starts = [i for i in parsed.starts() if i >= len(parsed.messages) - context] or parsed.starts()[-1:]
-    low, high, fits = 0, len(starts) - 1, None
+    low, high, found = 0, len(starts) - 1, None
     while low <= high:
         middle = (low + high) // 2
-        job, plan = build_chat_job(request, parsed.keep_from(starts[middle]))
-        tokens, _ = await prompt_fit(request.app, job)
-        if tokens < context:
-            fits, high = middle, middle - 1
+        if await fits(build_chat_job(request, parsed.keep_from(starts[middle]))[0]):
+            found, high = middle, middle - 1
         else:
             low = middle + 1
-    start = starts[fits if fits is not None else -1]  # nothing fits: the newest input alone, which answers 400
-    parsed.cut(start)
+    parsed.cut(starts[found if found is not None else -1])  # nothing fits: the newest input alone, a 400
     return build_chat_job(request, parsed.chat)
 
 
@@ -389,7 +397,7 @@ async def _save(app: web.Application, response: dict[str, Any], history: list[di
 @json_route("post", None, "responses", schema=definition_schema("openai.ResponsesRequest"), use_case="chat",
             summary="Create a model response (OpenAI's Responses API).", responses=answers("Response", stream=True))
 async def create_response(request: web.Request) -> web.StreamResponse:
-    body = request["data"]
+    body = request[keys.BODY]
     parsed = await parse_request(request, body)
     store, background, stream = body.get("store", True), bool(body.get("background")), bool(body.get("stream"))
     if background and not store:

@@ -179,7 +179,7 @@ async def speak(request: web.Request, job: Utterance, *, shape: Callable[[bytes,
 @routes.post("/audio/speech")
 @json_route("post", "/v1/audio/speech", "audio", use_case="tts", responses=answers(content_type="audio/*"))
 async def audio_speech(request: web.Request) -> web.StreamResponse:
-    body = request["data"]
+    body = request[keys.BODY]
     text = spoken_text(body, "input")
     speed = speed_of(body)
     name = body.get("response_format", "mp3")
@@ -195,7 +195,7 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
 @json_route("post", "/v1/audio/speech", "audio", summary="LocalAI's text to speech (WAV).", use_case="tts",
             responses=answers(content_type="audio/wav"))
 async def localai_tts(request: web.Request) -> web.StreamResponse:
-    body = request["data"]
+    body = request[keys.BODY]
     cfg, voice = tts_model(request, body.get("model"), body.get("voice"))
     job = Utterance(cfg, spoken_text(body, "input"), voice, speed_of(body), FORMATS["wav"], None)
     return await speak(request, job)

@@ -195,7 +195,7 @@ async def prompt_tokens(app: web.Application, job: TextJob) -> int:
 async def serve_text(request: web.Request, job: TextJob, fmt: TextFormat, response_id: str,
                      created: int) -> web.StreamResponse:
     app = request.app
-    model_name = request["data"].get("model") or job.cfg.name
+    model_name = request[keys.BODY].get("model") or job.cfg.name
     envelope = {"id": response_id, "object": fmt.chunk_object_name, "created": created, "model": model_name,
                 "system_fingerprint": fingerprint(job.cfg)}
     completion_tokens = 0

@@ -41,7 +41,7 @@ def _detokenize(engine: Any, tokens: list[int]) -> str:
 @json_route("post", None, "tokens", schema=definition_schema("localai.TokenizeRequest"), use_case="completion",
             summary="Tokenize text with a GGUF model's own tokenizer.")
 async def tokenize(request: web.Request) -> web.Response:
-    body = request["data"]
+    body = request[keys.BODY]
     text = body.get("content", body.get("prompt"))
     if text is None:
         raise InvalidRequest("'content' (or 'prompt') is required", param="content")
@@ -56,7 +56,7 @@ async def tokenize(request: web.Request) -> web.Response:
 @json_route("post", None, "tokens", schema=definition_schema("localai.DetokenizeRequest"), use_case="completion",
             summary="Turn token ids back into text.")
 async def detokenize(request: web.Request) -> web.Response:
-    body = request["data"]
+    body = request[keys.BODY]
     cfg = resolve_model(request, body.get("model"), "completion")
     text = await request.app[keys.REGISTRY].read(cfg.name, _detokenize, body["tokens"])
     return web.json_response({"content": text, "prompt": text})

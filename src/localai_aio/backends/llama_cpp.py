@@ -23,6 +23,7 @@ what another one asked.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import random
 import re
@@ -257,6 +258,14 @@ class LlamaCppEngine:
             if len(ids) == 1:
                 pieces[ids[0]] = text.encode("utf-8")
         return pieces
+
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """The most characters one token stands for (special tokens written out included): a text longer
+        than ``n_ctx`` times this cannot fit the context, whatever its tokens."""
+        buf = ctypes.create_string_buffer(16 * 1024)
+        return max(1, max(self._ll.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True)
+                          for t in range(self.n_vocab)))
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog or bool(self._ll.llama_vocab_is_eog(self._vocab, token))
