@@ -30,8 +30,8 @@ a note, when the server does not know the flag); ``--threads`` is passed only wh
 gets the same slot count, ``-c context_size*slots`` (``--llama-server-ctx`` to change; note that our server's
 slots share ``context_size`` cells), the same thread count, ``--kv-unified``/``-cb`` when its --help lists
 them, and ``--no-repack`` when our server keeps weights in plain buffers (CPUs that advertise AMX; see
-backends/llama_cpp.extra_buffers), so that both run the same kernels. With ``--url`` any OpenAI-compatible server is
-measured and none is started. Timings are printed, never asserted.
+backends/llama_cpp/engine.extra_buffers), so that both run the same kernels. With ``--url`` any OpenAI-compatible
+server is measured and none is started. Timings are printed, never asserted.
 """
 
 from __future__ import annotations

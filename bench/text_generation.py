@@ -28,7 +28,7 @@ How it is measured:
   measure something no deployment runs. The servers are idle while it runs, and it has exited before they
   are measured again, so no two sides ever compete for the 2 cores.
 - All sides use the same weight buffers: on CPUs that advertise AMX our server keeps weights in plain buffers
-  (no repacking, see backends/llama_cpp.py), so the direct worker sets ``use_extra_bufts = False`` and
+  (no repacking, see backends/llama_cpp/engine.py), so the direct worker sets ``use_extra_bufts = False`` and
   llama-server gets ``--no-repack``. llama-server runs with 1 slot and ``-c context_size``.
 - Decode speed is streamed text chunks after the first per second (one token per chunk); time to first token
   is from the call to the first chunk with text. Medians over all generations of a side.
@@ -72,7 +72,7 @@ def direct_worker(spec: dict) -> None:
     import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
 
-    if not spec["extra_buffers"]:  # the same weight buffers as the server (backends/llama_cpp.py): no repacking
+    if not spec["extra_buffers"]:  # the same weight buffers as the server (backends/llama_cpp/engine.py): no repacking
         defaults = low_level.llama_model_default_params
 
         def plain_buffers():  # noqa: ANN202

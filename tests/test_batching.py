@@ -192,6 +192,38 @@ async def test_queue_beyond_the_slots_is_503(make_client, tmp_path: Path, batch_
     resp.close()
 
 
+async def test_a_full_context_turns_the_newest_request_away(make_client, tmp_path: Path,  # noqa: ANN001
+                                                            batch_models: Path) -> None:
+    """Two requests that each fit the context alone but not together: when a decode finds no room left,
+    the newest request is answered 503 (retry later), the older one runs to its end, and the next
+    request is served as usual."""
+    write_model_yaml(batch_models, "b2", backend="llama-cpp", parallel=2, context_size=1024,
+                     parameters={"model": "t.gguf"})
+    bclient = await make_client(ServerSettings(models_path=str(batch_models), config_dir=str(tmp_path / "d"),
+                                               threads=1))
+    first = await bclient.post(COMPLETIONS, json={"model": "b2", "prompt": [HELLO], "max_tokens": 1000,
+                                                  "stream": True, "temperature": 0})
+    assert first.status == 200
+    head = json.loads((await first.content.readline()).removeprefix(b"data: "))  # admitted and generating
+    assert await first.content.readline() == b"\n"
+    newest = await bclient.post(COMPLETIONS, json={"model": "b2", "prompt": [WORLD], "max_tokens": 1000,
+                                                   "temperature": 0})
+    assert newest.status == 503 and newest.headers["Retry-After"] == "1"
+    error = (await newest.json())["error"]
+    assert error["code"] == "server_overloaded"
+    assert error["message"] == ("Model 'b2' has no room left in its context cache (1024 tokens shared by 2 "
+                                "requests); retry later")
+    events = [head, *await sse_events(first)]
+    assert "".join(e["choices"][0]["text"] for e in events) == " world!" + CYCLE * 332 + " Hello world"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    after = await bclient.post(COMPLETIONS, json={"model": "b2", "prompt": [WORLD], "max_tokens": 3,
+                                                  "temperature": 0})
+    assert after.status == 200, await after.text()
+    assert (await after.json())["choices"][0]["text"] == "! Hello world"
+    report = await (await bclient.get("/metrics")).text()
+    assert metric(report, "localai_model_slots_busy", "b2") == 0
+
+
 async def test_every_engine_call_runs_on_one_thread(make_client, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """Chat, completions, tokenization, grammars, embeddings, cancellation and unload: one thread per engine.
     Reading llama.cpp's vocabulary (tokenizing, rendering pieces, parsing a grammar) may also happen on
