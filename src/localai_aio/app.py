@@ -50,7 +50,6 @@ from localai_aio.runtime import run_blocking
 from localai_aio.store import blobs, open_store
 from localai_aio.store.base import StoreUnavailable
 from localai_aio.store.blobs import BlobUnavailable
-from localai_aio.validation import raise_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
         app.router.add_routes(module.routes)
     setup_aiohttp_apispec(
         app, title="localai_aio API", version=__version__, url="/swagger.json", swagger_path="/swagger/",
-        static_path="/swagger/static", error_callback=raise_validation_error, in_place=True,
+        static_path="/swagger/static", in_place=True,
         openapi_version="3.0.3", components=openapi.COMPONENTS, security=[{"BearerAuth": []}],
     )
     openapi.describe_models(app)

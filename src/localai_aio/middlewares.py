@@ -34,7 +34,8 @@ PUBLIC_PATHS = ("/healthz", "/readyz", "/swagger.json", "/")
 # The web UI's static files are public too (it asks for a key once the API behind it answers 401).
 PUBLIC_PREFIXES = ("/swagger/", "/generated-images/", "/ui/assets/")
 
-#: Set on handlers whose body is a JSON object validated by a schema: the schema (``api.common.json_route``).
+#: Set on handlers whose body is a JSON object: the schema that validates it (``api.common.json_route``), or
+#: True for a route that reads the object itself.
 EXPECTS_JSON = "__localai_expects_json__"
 #: Bodies larger than this are parsed and validated on a worker thread: a 10 MB prompt or a conversation
 #: of 20,000 messages takes the event loop, which writes every stream's tokens, for hundreds of ms.
@@ -129,8 +130,9 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     settings = request.app[keys.SETTINGS]
     if request.content_length is not None and request.content_length > settings.upload_limit_bytes:
         raise body_too_large(settings.upload_limit)
-    schema = getattr(request.match_info.handler, EXPECTS_JSON, None)
-    if schema is not None:
+    expects = getattr(request.match_info.handler, EXPECTS_JSON, None)
+    if expects:
+        schema = expects if isinstance(expects, Schema) else None
         if request.content_type != "application/json":
             raise UnsupportedMediaType(f"Content-Type must be application/json, not "
                                        f"'{request.content_type or 'none'}'")
@@ -140,14 +142,17 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def validated_json(raw: bytes, schema: Schema) -> dict[str, Any]:
-    """A JSON object body, validated (and shaped) by ``schema``; a clear 400 for anything else."""
+def validated_json(raw: bytes, schema: Schema | None) -> dict[str, Any]:
+    """A JSON object body, validated (and shaped) by ``schema`` when there is one; a clear 400 for anything
+    else."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    if schema is None:
+        return body
     try:
         return schema.load(body)
     except ValidationError as error:

@@ -191,7 +191,7 @@ async def apply(request: web.Request) -> web.Response:
     and then every client generated from it (and the fuzzing tests) would start real downloads.
     """
     installs = _enabled(request)
-    body = await request.json()  # body_middleware has checked it is a JSON object (EXPECTS_JSON)
+    body = request[keys.BODY]  # body_middleware has read it and checked it is a JSON object (EXPECTS_JSON)
     for key in UNSUPPORTED:
         if body.get(key) not in (None, "", [], {}):
             raise InvalidRequest(f"'{key}' is not supported: name an entry of this server's gallery with 'id' "
