@@ -18,6 +18,7 @@ from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, par
 from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.reasoning import ReasoningSplitter, markers_for
+from localai_aio.runtime import run_blocking
 from localai_aio.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
 from localai_aio.tools import ToolPlan, plan_tools, tool_prompt
 
@@ -229,6 +230,19 @@ def _with_call_text(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": text}
 
 
+#: Conversations of more messages than this are checked and shaped on a worker thread.
+OFF_LOOP_MESSAGES = 512
+
+
+async def chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob, ToolPlan]:
+    """``build_chat_job``, on a worker thread for a long conversation: checking and shaping thousands of
+    messages would hold the event loop, which writes every stream's tokens, for tens of milliseconds."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > OFF_LOOP_MESSAGES:
+        return await run_blocking(None, build_chat_job, request, body)
+    return build_chat_job(request, body)
+
+
 def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob, ToolPlan]:
     cfg = resolve_model(request, body.get("model"), "chat")
     reg = registry(request)
@@ -323,5 +337,5 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
 @routes.post("/chat/completions")
 @json_route("post", "/v1/chat/completions", "chat", use_case="chat", responses=answers("ChatCompletion", stream=True))
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    job, plan = build_chat_job(request, request[keys.BODY])
+    job, plan = await chat_job(request, request[keys.BODY])
     return await serve_text(request, job, ChatFormat(plan, job), new_id("chatcmpl"), now())

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from localai_aio import keys
-from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, TurnEvent, build_chat_job, turn_events
+from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, TurnEvent, chat_job, turn_events
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, prompt_tokens
 from localai_aio.errors import InvalidRequest
@@ -258,7 +258,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Prepared | TurnEve
             responses={**answers("AnthropicMessage", stream=True), **_ERRORS})
 async def create_message(request: web.Request) -> web.StreamResponse:
     body = request[keys.BODY]
-    job, plan = build_chat_job(request, chat_body(body))
+    job, plan = await chat_job(request, chat_body(body))
     shaper = MessageShaper(body["model"], body.get("stop_sequences") or ())
     async with contextlib.aclosing(turn_events(request.app, job, plan, "message")) as events:
         if job.stream:
@@ -276,5 +276,5 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """Counted on the prompt the model would see (template, system prompt and tools included) with the
     model's own tokenizer, so it is the ``usage.input_tokens`` of a message made from the same body."""
-    job, _ = build_chat_job(request, chat_body(request[keys.BODY]))
+    job, _ = await chat_job(request, chat_body(request[keys.BODY]))
     return web.json_response({"input_tokens": await prompt_tokens(request.app, job)})

@@ -24,12 +24,21 @@ from aiohttp_apigami import docs
 
 from localai_aio import keys
 from localai_aio.api.assistants import call_store, list_body, list_params, store_call
-from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, build_chat_job, turn_events
+from localai_aio.api.chat import (
+    OFF_LOOP_MESSAGES,
+    ArgumentsDelta,
+    CallStart,
+    TextDelta,
+    TurnEnd,
+    chat_job,
+    turn_events,
+)
 from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob, prompt_fit
 from localai_aio.backends.base import context_size_for
 from localai_aio.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, failure
 from localai_aio.openapi import answers
+from localai_aio.runtime import run_blocking
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
 from localai_aio.tools import ToolPlan
@@ -191,7 +200,7 @@ async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[Te
     not measured whole: a handful of renders and tokenizations of at most a context's worth of messages,
     off the decode thread, however long the conversation.
     """
-    job, plan = build_chat_job(request, parsed.chat)
+    job, plan = await chat_job(request, parsed.chat)
     if parsed.body.get("truncation") != "auto":
         return job, plan
     context = context_size_for(job.cfg, request.app[keys.SETTINGS])
@@ -210,16 +219,18 @@ async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[Te
     low, high, found = 0, len(starts) - 1, None
     while low <= high:
         middle = (low + high) // 2
-        if await fits(build_chat_job(request, parsed.keep_from(starts[middle]))[0]):
+        if await fits((await chat_job(request, parsed.keep_from(starts[middle])))[0]):
             found, high = middle, middle - 1
         else:
             low = middle + 1
     parsed.cut(starts[found if found is not None else -1])  # nothing fits: the newest input alone, a 400
-    return build_chat_job(request, parsed.chat)
+    return await chat_job(request, parsed.chat)
 
 
 async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest:
-    messages, items = read_input(body.get("input"))
+    given = body.get("input")
+    messages, items = await run_blocking(None, read_input, given) \
+        if isinstance(given, list) and len(given) > OFF_LOOP_MESSAGES else read_input(given)
     previous = body.get("previous_response_id")
     if previous is not None:
         try:
