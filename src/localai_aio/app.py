@@ -46,7 +46,7 @@ from localai_aio.metrics import Metrics
 from localai_aio.middlewares import access_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
 from localai_aio.retention import retention_ctx
-from localai_aio.runtime import run_blocking
+from localai_aio.runtime import lower_priority, run_blocking
 from localai_aio.store import blobs, open_store
 from localai_aio.store.base import StoreUnavailable
 from localai_aio.store.blobs import BlobUnavailable
@@ -68,10 +68,12 @@ def _check_config_dir(path: Path) -> None:
 
 
 async def _executor_ctx(app: web.Application) -> AsyncIterator[None]:
-    # Blocking work that is not an engine's (file I/O, the store, audio decoding); engines have their own
-    # threads (registry.EngineHandle).
-    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="localai-worker")
+    # Blocking work that is not an engine's (file I/O, the store, audio decoding, parsing big bodies,
+    # building prompts): also the loop's default executor. Engines have their own threads
+    # (registry.EngineHandle), which this pool's lower priority leaves the cores to first.
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="localai-worker", initializer=lower_priority)
     app[keys.EXECUTOR] = executor
+    asyncio.get_running_loop().set_default_executor(executor)
     yield
     executor.shutdown(wait=True, cancel_futures=True)
 

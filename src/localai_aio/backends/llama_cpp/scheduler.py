@@ -32,6 +32,14 @@ from localai_aio.generation import GenParams, SeqEnd, TokenStream, token_budget
 
 #: Token rates in /metrics are averaged over this many seconds.
 RATE_WINDOW = 10.0
+#: While other choices are generating, a step's prompt tokens may add at most this many times the time of
+#: a step of generated tokens alone. Every stream waits for the whole step, and a prompt token costs far
+#: more than a generated one (here ~4 ms each at the end of a 4k-token prompt, against ~8 ms for a whole
+#: step of one stream): chunks are sized from the measured costs, so a long prompt beside streams moves
+#: as fast as their gaps allow, and in full chunks once nothing else is generating.
+PREFILL_STALL = 1.5
+#: Bounds of a prompt chunk beside generating choices (the upper one until costs have been measured).
+PREFILL_CHUNK_MIN, PREFILL_CHUNK_MAX = 4, 64
 
 
 class State(enum.Enum):
@@ -100,6 +108,8 @@ class Scheduler:
         self.active: list[Seq] = []  # admitted, in admission order
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_tokens": 0}
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+        self._step_s = 0.0  # moving averages: a step of generated tokens only; one prompt token's share
+        self._prompt_token_s = 0.0
 
     def start(self, prompt: Sequence[int], params: Sequence[GenParams], stream: TokenStream) -> None:
         """Queue one choice per ``params`` entry; the loop admits them first come, first served."""
@@ -132,6 +142,7 @@ class Scheduler:
             if not plan:  # nothing can move: never spin on it
                 self.fail(RuntimeError("no choice in flight had a token to decode"))
                 return
+            started = time.perf_counter()
             code = self.execute(plan)
             if code != 1:
                 break
@@ -143,6 +154,7 @@ class Scheduler:
         if code != 0:
             raise RuntimeError(f"llama_decode failed with status {code}")
         prompt_tokens = sum(len(part.tokens) for part in plan if part.from_prompt)
+        self._measure(time.perf_counter() - started, prompt_tokens, len(plan) - sum(p.from_prompt for p in plan))
         generated = self.stats["generated_tokens"]
         self._sample([part for part in plan if part.row >= 0])
         self.stats["prompt_tokens"] += prompt_tokens
@@ -151,20 +163,38 @@ class Scheduler:
         while now - self._recent[0][0] > RATE_WINDOW:
             self._recent.popleft()
 
+    def _measure(self, seconds: float, prompt_tokens: int, generating: int) -> None:
+        """Learn what a step of generated tokens costs, and what a prompt token adds to one."""
+        if not prompt_tokens:
+            if generating:
+                self._step_s = seconds if not self._step_s else 0.8 * self._step_s + 0.2 * seconds
+            return
+        share = max(0.0, seconds - (self._step_s if generating else 0.0)) / prompt_tokens
+        self._prompt_token_s = share if not self._prompt_token_s else 0.8 * self._prompt_token_s + 0.2 * share
+
+    def _chunk_beside_streams(self) -> int:
+        """Prompt tokens for a step that also carries generating choices (see ``PREFILL_STALL``)."""
+        if not (self._step_s and self._prompt_token_s):
+            return PREFILL_CHUNK_MAX
+        fits = int(PREFILL_STALL * self._step_s / self._prompt_token_s)
+        return max(PREFILL_CHUNK_MIN, min(PREFILL_CHUNK_MAX, fits))
+
     def plan(self) -> list[Part]:
         """The next batch, without changing anything: one token per generating choice, then prompt chunks
-        in admission order, ``n_batch`` tokens at most."""
+        in admission order, ``n_batch`` tokens at most; beside generating choices, only as many prompt
+        tokens as keep the step short (``_chunk_beside_streams``), since every stream waits for it."""
         parts: list[Part] = []
         n = 0
         for seq in self.active:
             if seq.state is State.GENERATING:
                 parts.append(Part(seq, [seq.next_token], False, n))
                 n += 1
+        limit = min(self.n_batch, n + self._chunk_beside_streams()) if n else self.n_batch
         for seq in self.active:
-            if n >= self.n_batch:
+            if n >= limit:
                 break
             if seq.state is State.PREFILLING and seq.pending:
-                take = seq.pending[: self.n_batch - n]
+                take = seq.pending[: limit - n]
                 last = len(take) == len(seq.pending)
                 parts.append(Part(seq, take, True, n + len(take) - 1 if last else -1))
                 n += len(take)
