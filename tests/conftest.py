@@ -153,6 +153,25 @@ class ServerProcess:
         return self.log_path.read_text() if self.log_path else ""
 
 
+@contextlib.contextmanager
+def tiny_gguf_server(folder: Path, models: dict[str, dict]) -> Iterator[ServerProcess]:
+    """A server process on tiny GGUF models, each written with its ``write_tiny_gguf`` options, with two
+    slots each and one thread."""
+    path = folder / "models"
+    path.mkdir()
+    for name, options in models.items():
+        write_tiny_gguf(path / f"{name}.gguf", **options)
+        write_model_yaml(path, name, backend="llama-cpp", context_size=1024, parallel=2,
+                         parameters={"model": f"{name}.gguf"})
+    proc = ServerProcess(["--models-path", str(path), "--config-dir", str(folder / "data"), "--threads", "1"],
+                         cwd=folder)
+    proc.start(folder / "server.log")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator:
     """Start real server processes; all are stopped at the end of the test."""

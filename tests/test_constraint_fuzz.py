@@ -17,8 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerProcess, write_model_yaml
-from tiny_models import write_tiny_gguf
+from conftest import ServerProcess, tiny_gguf_server
 
 pytestmark = pytest.mark.llama
 
@@ -139,19 +138,11 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any], dict[str, Any] | Non
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("fuzz")
-    models = folder / "models"
-    models.mkdir()
-    write_tiny_gguf(models / "sp.gguf", logit_scale=0.5)  # flat enough that sampling wanders
-    write_tiny_gguf(models / "bpe.gguf", bpe=True)  # no digits or punctuation: many constraints run dry
-    for name in ("sp", "bpe"):
-        write_model_yaml(models, name, backend="llama-cpp", context_size=1024, parallel=2,
-                         parameters={"model": f"{name}.gguf"})
-    proc = ServerProcess(["--models-path", str(models), "--config-dir", str(folder / "data"), "--threads", "1"],
-                         cwd=folder)
-    proc.start(folder / "server.log")
-    yield proc
-    proc.stop()
+    with tiny_gguf_server(tmp_path_factory.mktemp("fuzz"), {
+        "sp": {"logit_scale": 0.5},  # flat enough that sampling wanders
+        "bpe": {"bpe": True},  # no digits or punctuation: many constraints run dry
+    }) as proc:
+        yield proc
 
 
 def check_error(body: Any) -> None:

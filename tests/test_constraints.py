@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import ServerProcess, write_model_yaml
+from conftest import ServerProcess, tiny_gguf_server, write_model_yaml
 from tiny_models import write_tiny_gguf
 
 pytestmark = pytest.mark.llama
@@ -39,21 +39,12 @@ def tool(parameters: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("constraints")
-    models = folder / "models"
-    models.mkdir()
-    write_tiny_gguf(models / "sp.gguf")  # SentencePiece with byte fallback: every text can be spelled
-    write_tiny_gguf(models / "bpe.gguf", bpe=True)  # words and letters only: no digits, no punctuation
-    write_tiny_gguf(models / "hermes.gguf", extra_tokens={"<tool_call>": 4, "</tool_call>": 4},
-                    then={"!": "<tool_call>"})
-    for name in ("sp", "bpe", "hermes"):
-        write_model_yaml(models, name, backend="llama-cpp", context_size=1024, parallel=2,
-                         parameters={"model": f"{name}.gguf"})
-    proc = ServerProcess(["--models-path", str(models), "--config-dir", str(folder / "data"), "--threads", "1"],
-                         cwd=folder)
-    proc.start(folder / "server.log")
-    yield proc
-    proc.stop()
+    with tiny_gguf_server(tmp_path_factory.mktemp("constraints"), {
+        "sp": {},  # SentencePiece with byte fallback: every text can be spelled
+        "bpe": {"bpe": True},  # words and letters only: no digits, no punctuation
+        "hermes": {"extra_tokens": {"<tool_call>": 4, "</tool_call>": 4}, "then": {"!": "<tool_call>"}},
+    }) as proc:
+        yield proc
 
 
 @pytest.fixture
