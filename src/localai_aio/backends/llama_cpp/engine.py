@@ -113,6 +113,15 @@ class LlamaCppEngine:
                                    name=self.name)
         self.stats = self.scheduler.stats
         self.pooling = Pooling(llama_cpp, self._ctx, mem, self.vocabulary, self.n_batch, seq_id=self.slots_total)
+        if not pooled:
+            # Built here, during the load, rather than by the first request with a grammar: making it holds
+            # the GIL for ~300 ms (50k tokens), which would stall every stream of the process once. A
+            # vocabulary llguidance cannot take (BERT's word pieces) still loads: its first grammar says why.
+            self.vocabulary.longest_piece  # noqa: B018 - a scan of the vocabulary, done once, now
+            try:
+                self.grammars.tokenizer()
+            except Exception as exc:  # noqa: BLE001
+                log.info("%s: no grammar tokenizer at load (%s)", self.name, exc)
         log.info("%s: %d slot(s) sharing %d context cells, %d thread(s)", self.name, self.slots_total, n_ctx,
                  threads)
 
