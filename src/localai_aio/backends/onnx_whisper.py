@@ -128,6 +128,15 @@ class _Window:
         return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
+@dataclass
+class _Start:
+    """What the decoder's first call on a window gives every decoding of it (see ``WhisperEngine._start``)."""
+
+    logits: np.ndarray  # the last prompt position's, float64
+    no_speech: float
+    cache: dict[str, np.ndarray]  # past_key_values.* inputs of the decoder with past
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max()
     return shifted - np.log(np.exp(shifted).sum())
@@ -233,7 +242,9 @@ class WhisperEngine:
         self.encoder = make_session(folder / "encoder_model.onnx", cfg, settings, spinning=True)
         self.decoder = make_session(folder / "decoder_model.onnx", cfg, settings, spinning=True)
         self.decoder_past = make_session(folder / "decoder_with_past_model.onnx", cfg, settings, spinning=True)
+        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_inputs = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values")]
+        self.past_outputs = [o.name for o in self.decoder_past.get_outputs()]
 
         def token(text: str) -> int:
             found = self.tokenizer.token_to_id(text)
@@ -316,19 +327,25 @@ class WhisperEngine:
         if np.logaddexp.reduce(logprobs[tb:]) > logprobs[:tb].max():
             logits[:tb] = -np.inf
 
-    def _decode(self, encoded: np.ndarray, prompt: list[int], timestamps: bool, temperature: float,
-                rng: np.random.Generator, cancel: CancelFlag) -> _Window:
+    def _start(self, encoded: np.ndarray, prompt: list[int]) -> _Start:
+        """The decoder's first call on a window: the prompt's logits, the self-attention cache and the
+        cross-attention keys and values of the window's encoding. The same for every temperature tried."""
         outputs = self.decoder.run(None, {"input_ids": np.array([prompt], np.int64),
                                           "encoder_hidden_states": encoded})
-        names = [o.name for o in self.decoder.get_outputs()]
-        present = dict(zip(names, outputs, strict=True))
+        present = dict(zip(self.decoder_outputs, outputs, strict=True))
         logits = present.pop("logits")
-        sot_index = prompt.index(self.sot)
         no_speech = 0.0
         if self.no_speech is not None:
-            no_speech = float(np.exp(_log_softmax(logits[0, sot_index].astype(np.float64))[self.no_speech]))
+            row = logits[0, prompt.index(self.sot)].astype(np.float64)
+            no_speech = float(np.exp(_log_softmax(row)[self.no_speech]))
         cache = {name.replace("present", "past_key_values"): value for name, value in present.items()}
-        step_logits = logits[0, -1].astype(np.float64)
+        return _Start(logits[0, -1].astype(np.float64), no_speech, cache)
+
+    def _decode(self, start: _Start, prompt: list[int], timestamps: bool, temperature: float,
+                rng: np.random.Generator, cancel: CancelFlag) -> _Window:
+        """Greedy (or sampled, above temperature 0) decoding of one window from its first call."""
+        cache = dict(start.cache)
+        step_logits = start.logits.copy()
         generated: list[int] = []
         total_logprob = 0.0
         limit = min(MAX_WINDOW_TOKENS, self.max_target - len(prompt) - 1)
@@ -346,23 +363,24 @@ class WhisperEngine:
             generated.append(token)
             feed = {"input_ids": np.array([[token]], np.int64), **{n: cache[n] for n in self.past_inputs}}
             outputs = self.decoder_past.run(None, feed)
-            for name, value in zip([o.name for o in self.decoder_past.get_outputs()], outputs, strict=True):
+            for name, value in zip(self.past_outputs, outputs, strict=True):
                 if name == "logits":
                     step_logits = value[0, -1].astype(np.float64)
                 else:
                     cache[name.replace("present", "past_key_values")] = value
         text = self.tokenizer.decode([t for t in generated if t < self.eot])
-        return _Window(generated, total_logprob / (len(generated) + 1), no_speech, temperature, text)
+        return _Window(generated, total_logprob / (len(generated) + 1), start.no_speech, temperature, text)
 
     def _decode_with_fallback(self, encoded: np.ndarray, prompt: list[int], timestamps: bool, temperature: float,
                               rng: np.random.Generator, cancel: CancelFlag) -> _Window:
-        result = self._decode(encoded, prompt, timestamps, temperature, rng, cancel)
+        start = self._start(encoded, prompt)
+        result = self._decode(start, prompt, timestamps, temperature, rng, cancel)
         for fallback in (t for t in FALLBACK_TEMPERATURES if t > temperature):
             repetitive = result.compression_ratio > COMPRESSION_THRESHOLD
             unsure = result.avg_logprob < LOGPROB_THRESHOLD and result.no_speech_prob <= NO_SPEECH_THRESHOLD
             if cancel.is_set() or not (repetitive or unsure):
                 break
-            result = self._decode(encoded, prompt, timestamps, fallback, rng, cancel)
+            result = self._decode(start, prompt, timestamps, fallback, rng, cancel)
         return result
 
     def transcribe(self, audio: AudioSource, *, language: str | None, task: str, prompt: str | None,
