@@ -28,11 +28,13 @@ import logging
 import string
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from localai_aio.backends.base import BackendError, read_json, require_file
+from localai_aio.backends.cpu_features import weights_for
 from localai_aio.backends.onnx_common import make_session
 from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, N_SAMPLES, window_features
 
@@ -51,6 +53,8 @@ LOGPROB_THRESHOLD = -1.0
 COMPRESSION_THRESHOLD = 2.4
 SILENCE = 1e-4  # no sample louder than this: digital silence
 ALIGNMENT_FILE = "decoder_alignment.onnx"
+ENCODER_FILE = "encoder_model.onnx"
+ENCODER_INT8_FILE = "encoder_model.int8.onnx"  # the gallery's int8 encoder, next to the float32 one
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder frames: the encoder halves the mel frame rate
 MEDIAN_FILTER_WIDTH = 7
 PREPEND_PUNCTUATION = "\"'“¿([{-"
@@ -225,12 +229,31 @@ def merge_punctuation(words: list[_Timing]) -> None:
         j += 1
 
 
+def _positive(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BackendError(f"`{key}` must be a whole number of at least 1")
+    return value
+
+
+def encoder_file(folder: Path, cfg: ModelConfig) -> Path:
+    """The encoder the YAML's ``encoder_weights`` (int8, fp32 or auto: int8 where the CPU has int8 dot
+    products) asks for. A folder with one encoder (a model installed before both were kept, whose encoder
+    is int8, or an export of one's own) runs the one it has."""
+    weights = weights_for(cfg, "encoder_weights")
+    if (folder / ENCODER_INT8_FILE).is_file():
+        return folder / (ENCODER_INT8_FILE if weights == "int8" else ENCODER_FILE)
+    if cfg.option("encoder_weights"):
+        log.info("model %s: the folder has one encoder (%s), which runs whatever encoder_weights says",
+                 cfg.name, ENCODER_FILE)
+    return folder / ENCODER_FILE
+
+
 class WhisperEngine:
     def __init__(self, cfg: ModelConfig, settings: ServerSettings):
         from tokenizers import Tokenizer
 
         folder = require_file(cfg)
-        needed = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "tokenizer.json"]
+        needed = [ENCODER_FILE, "decoder_model.onnx", "decoder_with_past_model.onnx", "tokenizer.json"]
         missing = [name for name in needed if not (folder / name).is_file()]
         if not folder.is_dir() or missing:
             raise BackendError(f"an onnx-whisper model is an optimum-exported folder; missing: {', '.join(missing)}")
@@ -239,9 +262,13 @@ class WhisperEngine:
         generation = read_json(folder / "generation_config.json")
         self.n_mels = int(config.get("num_mel_bins", 80))
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.encoder = make_session(folder / "encoder_model.onnx", cfg, settings, spinning=True)
+        encoder = encoder_file(folder, cfg)
+        self.encoder = make_session(encoder, cfg, settings, spinning=True)
         self.decoder = make_session(folder / "decoder_model.onnx", cfg, settings, spinning=True)
-        self.decoder_past = make_session(folder / "decoder_with_past_model.onnx", cfg, settings, spinning=True)
+        # One token's step reads every weight once and computes little: bound by memory, not by arithmetic.
+        # A second thread did not make it faster here, and waited for the core the other process had.
+        self.decoder_past = make_session(folder / "decoder_with_past_model.onnx", cfg, settings, spinning=True,
+                                         threads=_positive(cfg.option("decoder_threads", 1), "decoder_threads"))
         self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_inputs = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values")]
         self.past_outputs = [o.name for o in self.decoder_past.get_outputs()]
@@ -271,6 +298,12 @@ class WhisperEngine:
                                         | ({self.no_speech} if self.no_speech is not None else set())), dtype=np.int64)
         self.begin_suppress = np.array(generation.get("begin_suppress_tokens") or [self.eot], dtype=np.int64)
         self.max_target = int(config.get("max_target_positions", 448))
+        # Windows encoded in one run (see _window). On the CPU a batch of two took as long as the two one after
+        # the other, and the windows run ahead are wasted whenever a window ends early: one at a time there.
+        # On a GPU, with float32 weights, 4. int8 quantizes each run's activations with one scale, so an int8
+        # encoder's batch may change a word: one at a time unless the YAML says otherwise.
+        batched = self.encoder.get_providers() != ["CPUExecutionProvider"] and encoder.name != ENCODER_INT8_FILE
+        self.encoder_batch = _positive(cfg.option("encoder_batch", 4 if batched else 1), "encoder_batch")
         alignment = folder / ALIGNMENT_FILE
         # Optional: only word timestamps need it, and folders exported before them lack it.
         self.aligner = make_session(alignment, cfg, settings, spinning=True) if alignment.is_file() else None
@@ -395,15 +428,14 @@ class WhisperEngine:
         previous = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids if prompt else []
         segments: list[Segment] = []
         seek = 0
+        ahead: dict[int, tuple[int, np.ndarray | None]] = {}
         while not cancel.is_set():
-            samples = audio.read(seek * HOP, seek * HOP + N_SAMPLES)
-            span = min(N_FRAMES, len(samples) // HOP)
+            span, encoded = self._window(audio, seek, ahead)
             if span == 0:
                 break
-            if not np.any(np.abs(samples) > SILENCE):
+            if encoded is None:  # digital silence
                 seek += span
                 continue
-            encoded = self._encode(window_features(samples, self.n_mels)[None])
             if language is None:
                 language = self.detect_language(encoded)
                 log.info("model %s: detected language %s", self.name, language)
@@ -422,6 +454,34 @@ class WhisperEngine:
         text = "".join(s.text for s in segments).strip()
         _in_order([w for s in segments for w in s.words])
         return Transcript(text, language or "en", audio.duration, segments)
+
+    def _window(self, audio: AudioSource, seek: int, ahead: dict[int, tuple[int, np.ndarray | None]],
+                ) -> tuple[int, np.ndarray | None]:
+        """The window at ``seek``: its span in mel frames (0: the clip has ended) and its encoding (None: digital
+        silence, never encoded). With ``encoder_batch`` above 1 the windows that follow it back to back are
+        encoded in the same run and kept in ``ahead``: a window decoded to its very end (its last segment
+        closed, or no timestamps) is followed by exactly the next one; other ahead windows are dropped. Memory
+        holds ``encoder_batch`` windows at most, however long the clip."""
+        if seek in ahead:
+            return ahead.pop(seek)
+        ahead.clear()
+        samples = audio.read(seek * HOP, seek * HOP + self.encoder_batch * N_SAMPLES)
+        found: list[tuple[int, int, np.ndarray | None]] = []
+        for k in range(self.encoder_batch):
+            part = samples[k * N_SAMPLES:(k + 1) * N_SAMPLES]
+            span = min(N_FRAMES, len(part) // HOP)
+            if span == 0:
+                break
+            found.append((seek + k * N_FRAMES, span, part if np.any(np.abs(part) > SILENCE) else None))
+            if span < N_FRAMES:
+                break
+        if not found:
+            return 0, None
+        loud = [part for _, _, part in found if part is not None]
+        encoded = iter(self._encode(np.stack([window_features(p, self.n_mels) for p in loud])) if loud else ())
+        for start, span, part in found:
+            ahead[start] = (span, None if part is None else next(encoded)[None])
+        return ahead.pop(seek)
 
     def _segments(self, result: _Window, seek: int, span: int, first_id: int) -> tuple[list[Segment], int]:
         """Split a window's tokens at timestamp pairs; return the segments and how far to move ``seek``."""
