@@ -2,9 +2,13 @@
 
 - sentence-transformers' ``encode`` in this process (PyTorch, the reference),
 - the server over HTTP with the ``openai`` client, 32 concurrent clients sending one sentence each,
-- the same requests sent one at a time.
+- the same requests sent one at a time,
+- the same concurrent load from a light aiohttp client;
+
+alternated over ``--rounds`` rounds (medians), so machine noise hits every side alike.
 
     python bench/embeddings.py [--models-path ~/.cache/localai-aio/models] [--threads 2] [--sentences 512]
+                               [--rounds 3]
 
 Targets: concurrent server at least 1.2x sentence-transformers, and at least 3x the one-at-a-time rate.
 """
@@ -74,6 +78,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=512)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     source = Path(args.models_path) / MODEL / "source"
     if not source.is_dir():
@@ -81,23 +86,35 @@ def main() -> int:
         return 2
     texts = sentences(args.sentences)
 
+    import statistics
+
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(args.threads)
     reference = SentenceTransformer(str(source), device="cpu")
     reference.encode(texts[:32])  # warm up
-    start = time.perf_counter()
-    reference.encode(texts, batch_size=32)
-    st_rate = len(texts) / (time.perf_counter() - start)
+
+    def encode() -> float:
+        start = time.perf_counter()
+        reference.encode(texts, batch_size=32)
+        return len(texts) / (time.perf_counter() - start)
 
     flags = ("--threads", str(args.threads), "--preload-models", MODEL, "--queue-size", str(args.clients * 2))
+    rates: dict[str, list[float]] = {"st": [], "concurrent": [], "sequential": [], "raw": []}
     with server(args.models_path, *flags) as (url, _):
-        asyncio.run(through_server(url, texts[:32], args.clients))  # warm up
-        concurrent = asyncio.run(through_server(url, texts, args.clients))
-        sequential = asyncio.run(through_server(url, texts[: max(64, args.sentences // 4)], 1))
-        raw = asyncio.run(through_server_raw(url, texts, args.clients))
-    print(f"model {MODEL}, {args.threads} thread(s), {len(texts)} sentences")
+        # warm up with mixed traffic: concurrent single sentences, one at a time, the light client
+        asyncio.run(through_server(url, texts[:64], args.clients))
+        asyncio.run(through_server(url, texts[:8], 1))
+        asyncio.run(through_server_raw(url, texts[:64], args.clients // 2))
+        for _ in range(args.rounds):  # alternate so that machine noise hits every side alike
+            rates["st"].append(encode())
+            rates["concurrent"].append(asyncio.run(through_server(url, texts, args.clients)))
+            rates["sequential"].append(asyncio.run(through_server(url, texts[: max(64, args.sentences // 4)], 1)))
+            rates["raw"].append(asyncio.run(through_server_raw(url, texts, args.clients)))
+    st_rate, concurrent, sequential, raw = (statistics.median(rates[k]) for k in ("st", "concurrent", "sequential",
+                                                                                 "raw"))
+    print(f"model {MODEL}, {args.threads} thread(s), {len(texts)} sentences, median of {args.rounds} rounds")
     print(f"sentence-transformers encode (in-process):  {st_rate:8.1f} sentences/s")
     print(f"server, {args.clients} concurrent clients:          {concurrent:8.1f} sentences/s")
     print(f"server, one request at a time:              {sequential:8.1f} sentences/s")

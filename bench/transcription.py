@@ -176,7 +176,8 @@ def main() -> int:
         return 2
     clips = {name: speak(seconds) for name, seconds in (("20 s", 20), ("60 s", 60))}
     with server(args.models_path, "--threads", str(args.threads), "--preload-models", MODEL) as (url, proc):
-        through_server(url, clips["20 s"])  # warm up
+        for clip in clips.values():  # warm up: a one-window and a three-window clip
+            through_server(url, clip)
         print(f"model {MODEL}, {args.threads} thread(s), greedy decoding, language en")
         if importlib.util.find_spec("faster_whisper") is None:
             print("faster-whisper is not installed (pip install faster-whisper): no speed comparison")

@@ -219,6 +219,34 @@ async def test_long_audio_in_windows_and_formats(wclient) -> None:  # noqa: ANN0
     assert starts == sorted(starts) and all(s["end"] <= 70.0 + 30 for s in body["segments"])
 
 
+def test_windows_encoded_in_batches_give_what_one_at_a_time_gives(tiny_whisper: Path) -> None:
+    """Windows encoded ahead in one run (``encoder_batch``) give the same text, segments, word times and
+    seeks as windows encoded one at a time; digital silence between them is still skipped unheard."""
+    from localai_aio.audio import open_audio
+    from localai_aio.backends.onnx_whisper import load
+    from localai_aio.config import ModelConfig
+    from localai_aio.runtime import CancelFlag
+
+    audio = np.concatenate([tone(40.0), np.zeros(16000 * 31, np.float32), tone(25.0)])
+    clip = wav_bytes(audio)
+    results, runs = {}, {}
+    for batch in (1, 3):
+        cfg = ModelConfig(name="w", backend="onnx-whisper", model_path=tiny_whisper, threads=1,
+                          extra={"encoder_batch": batch})
+        engine = load(cfg, ServerSettings(threads=1))
+        runs[batch] = []
+        encode = engine._encode
+        engine._encode = lambda features, runs=runs[batch], encode=encode: (runs.append(len(features)),
+                                                                            encode(features))[1]
+        result = engine.transcribe(open_audio(clip), language="en", task="transcribe", prompt=None,
+                                   temperature=0.0, cancel=CancelFlag(), words=True)
+        results[batch] = (result.text, [(s.seek, s.start, s.end, s.text, s.tokens) for s in result.segments],
+                          [(w.word, w.start, w.end) for w in result.words])
+    assert results[3] == results[1]
+    assert set(runs[1]) == {1} and max(runs[3]) > 1  # windows really went through the encoder together
+    assert sum(runs[1]) <= sum(runs[3])
+
+
 async def test_silence_and_empty_audio_give_empty_text(wclient) -> None:  # noqa: ANN001
     for audio in (np.zeros(16000 * 3, np.float32), np.zeros(0, np.float32)):
         resp = await wclient.post(T, data=form(wav_bytes(audio), model="whisper"))

@@ -389,6 +389,8 @@ BACKEND_OPTION_KEYS = frozenset({
     "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
     "pooling", "normalize", "max_length",  # onnx-embeddings
     "voices",  # piper
+    "encoder_weights", "cpu",  # onnx-whisper: int8 or fp32 encoder, and the CPU the installer chose it for
+    "decoder_threads", "encoder_batch",  # onnx-whisper: threads of the token-by-token decoder; windows encoded at once
     "reasoning",  # chat: where a reasoning model's thoughts start and end (reasoning.markers_for)
     "scheduler", "step", "steps", "guidance_scale", "cfg_scale", "size",  # onnx-diffusion
 })

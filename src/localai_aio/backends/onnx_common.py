@@ -25,8 +25,9 @@ def default_providers(available: list[str]) -> list[str]:
 
 
 def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spinning: bool = False,
-                 model: bytes | None = None) -> Any:
-    """An ONNX Runtime session for ``path`` (or for ``model``, the file's graph changed in memory)."""
+                 model: bytes | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session for ``path`` (or for ``model``, the file's graph changed in memory), on
+    ``threads`` threads (default: the model's, ``threads_for``)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -41,7 +42,7 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spin
         raise BackendError(f"execution provider(s) {', '.join(unknown)} not available here "
                            f"(available: {', '.join(available)})")
     options = ort.SessionOptions()
-    threads = threads_for(cfg, settings)
+    threads = threads or threads_for(cfg, settings)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3

@@ -28,11 +28,13 @@ import logging
 import string
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from localai_aio.backends.base import BackendError, read_json, require_file
+from localai_aio.backends.cpu_features import weights_for
 from localai_aio.backends.onnx_common import make_session
 from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, N_SAMPLES, window_features
 
@@ -51,6 +53,8 @@ LOGPROB_THRESHOLD = -1.0
 COMPRESSION_THRESHOLD = 2.4
 SILENCE = 1e-4  # no sample louder than this: digital silence
 ALIGNMENT_FILE = "decoder_alignment.onnx"
+ENCODER_FILE = "encoder_model.onnx"
+ENCODER_INT8_FILE = "encoder_model.int8.onnx"  # the gallery's int8 encoder, next to the float32 one
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder frames: the encoder halves the mel frame rate
 MEDIAN_FILTER_WIDTH = 7
 PREPEND_PUNCTUATION = "\"'“¿([{-"
@@ -126,6 +130,15 @@ class _Window:
     def compression_ratio(self) -> float:
         raw = self.text.encode("utf-8")
         return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+@dataclass
+class _Start:
+    """What the decoder's first call on a window gives every decoding of it (see ``WhisperEngine._start``)."""
+
+    logits: np.ndarray  # the last prompt position's, float64
+    no_speech: float
+    cache: dict[str, np.ndarray]  # past_key_values.* inputs of the decoder with past
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -216,12 +229,31 @@ def merge_punctuation(words: list[_Timing]) -> None:
         j += 1
 
 
+def _positive(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BackendError(f"`{key}` must be a whole number of at least 1")
+    return value
+
+
+def encoder_file(folder: Path, cfg: ModelConfig) -> Path:
+    """The encoder the YAML's ``encoder_weights`` (int8, fp32 or auto: int8 where the CPU has int8 dot
+    products) asks for. A folder with one encoder (a model installed before both were kept, whose encoder
+    is int8, or an export of one's own) runs the one it has."""
+    weights = weights_for(cfg, "encoder_weights")
+    if (folder / ENCODER_INT8_FILE).is_file():
+        return folder / (ENCODER_INT8_FILE if weights == "int8" else ENCODER_FILE)
+    if cfg.option("encoder_weights"):
+        log.info("model %s: the folder has one encoder (%s), which runs whatever encoder_weights says",
+                 cfg.name, ENCODER_FILE)
+    return folder / ENCODER_FILE
+
+
 class WhisperEngine:
     def __init__(self, cfg: ModelConfig, settings: ServerSettings):
         from tokenizers import Tokenizer
 
         folder = require_file(cfg)
-        needed = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "tokenizer.json"]
+        needed = [ENCODER_FILE, "decoder_model.onnx", "decoder_with_past_model.onnx", "tokenizer.json"]
         missing = [name for name in needed if not (folder / name).is_file()]
         if not folder.is_dir() or missing:
             raise BackendError(f"an onnx-whisper model is an optimum-exported folder; missing: {', '.join(missing)}")
@@ -230,10 +262,16 @@ class WhisperEngine:
         generation = read_json(folder / "generation_config.json")
         self.n_mels = int(config.get("num_mel_bins", 80))
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.encoder = make_session(folder / "encoder_model.onnx", cfg, settings, spinning=True)
+        encoder = encoder_file(folder, cfg)
+        self.encoder = make_session(encoder, cfg, settings, spinning=True)
         self.decoder = make_session(folder / "decoder_model.onnx", cfg, settings, spinning=True)
-        self.decoder_past = make_session(folder / "decoder_with_past_model.onnx", cfg, settings, spinning=True)
+        # One token's step reads every weight once and computes little: bound by memory, not by arithmetic.
+        # A second thread did not make it faster here, and waited for the core the other process had.
+        self.decoder_past = make_session(folder / "decoder_with_past_model.onnx", cfg, settings, spinning=True,
+                                         threads=_positive(cfg.option("decoder_threads", 1), "decoder_threads"))
+        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.past_inputs = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values")]
+        self.past_outputs = [o.name for o in self.decoder_past.get_outputs()]
 
         def token(text: str) -> int:
             found = self.tokenizer.token_to_id(text)
@@ -260,6 +298,12 @@ class WhisperEngine:
                                         | ({self.no_speech} if self.no_speech is not None else set())), dtype=np.int64)
         self.begin_suppress = np.array(generation.get("begin_suppress_tokens") or [self.eot], dtype=np.int64)
         self.max_target = int(config.get("max_target_positions", 448))
+        # Windows encoded in one run (see _window). On the CPU a batch of two took as long as the two one after
+        # the other, and the windows run ahead are wasted whenever a window ends early: one at a time there.
+        # On a GPU, with float32 weights, 4. int8 quantizes each run's activations with one scale, so an int8
+        # encoder's batch may change a word: one at a time unless the YAML says otherwise.
+        batched = self.encoder.get_providers() != ["CPUExecutionProvider"] and encoder.name != ENCODER_INT8_FILE
+        self.encoder_batch = _positive(cfg.option("encoder_batch", 4 if batched else 1), "encoder_batch")
         alignment = folder / ALIGNMENT_FILE
         # Optional: only word timestamps need it, and folders exported before them lack it.
         self.aligner = make_session(alignment, cfg, settings, spinning=True) if alignment.is_file() else None
@@ -316,19 +360,25 @@ class WhisperEngine:
         if np.logaddexp.reduce(logprobs[tb:]) > logprobs[:tb].max():
             logits[:tb] = -np.inf
 
-    def _decode(self, encoded: np.ndarray, prompt: list[int], timestamps: bool, temperature: float,
-                rng: np.random.Generator, cancel: CancelFlag) -> _Window:
+    def _start(self, encoded: np.ndarray, prompt: list[int]) -> _Start:
+        """The decoder's first call on a window: the prompt's logits, the self-attention cache and the
+        cross-attention keys and values of the window's encoding. The same for every temperature tried."""
         outputs = self.decoder.run(None, {"input_ids": np.array([prompt], np.int64),
                                           "encoder_hidden_states": encoded})
-        names = [o.name for o in self.decoder.get_outputs()]
-        present = dict(zip(names, outputs, strict=True))
+        present = dict(zip(self.decoder_outputs, outputs, strict=True))
         logits = present.pop("logits")
-        sot_index = prompt.index(self.sot)
         no_speech = 0.0
         if self.no_speech is not None:
-            no_speech = float(np.exp(_log_softmax(logits[0, sot_index].astype(np.float64))[self.no_speech]))
+            row = logits[0, prompt.index(self.sot)].astype(np.float64)
+            no_speech = float(np.exp(_log_softmax(row)[self.no_speech]))
         cache = {name.replace("present", "past_key_values"): value for name, value in present.items()}
-        step_logits = logits[0, -1].astype(np.float64)
+        return _Start(logits[0, -1].astype(np.float64), no_speech, cache)
+
+    def _decode(self, start: _Start, prompt: list[int], timestamps: bool, temperature: float,
+                rng: np.random.Generator, cancel: CancelFlag) -> _Window:
+        """Greedy (or sampled, above temperature 0) decoding of one window from its first call."""
+        cache = dict(start.cache)
+        step_logits = start.logits.copy()
         generated: list[int] = []
         total_logprob = 0.0
         limit = min(MAX_WINDOW_TOKENS, self.max_target - len(prompt) - 1)
@@ -346,23 +396,24 @@ class WhisperEngine:
             generated.append(token)
             feed = {"input_ids": np.array([[token]], np.int64), **{n: cache[n] for n in self.past_inputs}}
             outputs = self.decoder_past.run(None, feed)
-            for name, value in zip([o.name for o in self.decoder_past.get_outputs()], outputs, strict=True):
+            for name, value in zip(self.past_outputs, outputs, strict=True):
                 if name == "logits":
                     step_logits = value[0, -1].astype(np.float64)
                 else:
                     cache[name.replace("present", "past_key_values")] = value
         text = self.tokenizer.decode([t for t in generated if t < self.eot])
-        return _Window(generated, total_logprob / (len(generated) + 1), no_speech, temperature, text)
+        return _Window(generated, total_logprob / (len(generated) + 1), start.no_speech, temperature, text)
 
     def _decode_with_fallback(self, encoded: np.ndarray, prompt: list[int], timestamps: bool, temperature: float,
                               rng: np.random.Generator, cancel: CancelFlag) -> _Window:
-        result = self._decode(encoded, prompt, timestamps, temperature, rng, cancel)
+        start = self._start(encoded, prompt)
+        result = self._decode(start, prompt, timestamps, temperature, rng, cancel)
         for fallback in (t for t in FALLBACK_TEMPERATURES if t > temperature):
             repetitive = result.compression_ratio > COMPRESSION_THRESHOLD
             unsure = result.avg_logprob < LOGPROB_THRESHOLD and result.no_speech_prob <= NO_SPEECH_THRESHOLD
             if cancel.is_set() or not (repetitive or unsure):
                 break
-            result = self._decode(encoded, prompt, timestamps, fallback, rng, cancel)
+            result = self._decode(start, prompt, timestamps, fallback, rng, cancel)
         return result
 
     def transcribe(self, audio: AudioSource, *, language: str | None, task: str, prompt: str | None,
@@ -377,15 +428,14 @@ class WhisperEngine:
         previous = self.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids if prompt else []
         segments: list[Segment] = []
         seek = 0
+        ahead: dict[int, tuple[int, np.ndarray | None]] = {}
         while not cancel.is_set():
-            samples = audio.read(seek * HOP, seek * HOP + N_SAMPLES)
-            span = min(N_FRAMES, len(samples) // HOP)
+            span, encoded = self._window(audio, seek, ahead)
             if span == 0:
                 break
-            if not np.any(np.abs(samples) > SILENCE):
+            if encoded is None:  # digital silence
                 seek += span
                 continue
-            encoded = self._encode(window_features(samples, self.n_mels)[None])
             if language is None:
                 language = self.detect_language(encoded)
                 log.info("model %s: detected language %s", self.name, language)
@@ -404,6 +454,34 @@ class WhisperEngine:
         text = "".join(s.text for s in segments).strip()
         _in_order([w for s in segments for w in s.words])
         return Transcript(text, language or "en", audio.duration, segments)
+
+    def _window(self, audio: AudioSource, seek: int, ahead: dict[int, tuple[int, np.ndarray | None]],
+                ) -> tuple[int, np.ndarray | None]:
+        """The window at ``seek``: its span in mel frames (0: the clip has ended) and its encoding (None: digital
+        silence, never encoded). With ``encoder_batch`` above 1 the windows that follow it back to back are
+        encoded in the same run and kept in ``ahead``: a window decoded to its very end (its last segment
+        closed, or no timestamps) is followed by exactly the next one; other ahead windows are dropped. Memory
+        holds ``encoder_batch`` windows at most, however long the clip."""
+        if seek in ahead:
+            return ahead.pop(seek)
+        ahead.clear()
+        samples = audio.read(seek * HOP, seek * HOP + self.encoder_batch * N_SAMPLES)
+        found: list[tuple[int, int, np.ndarray | None]] = []
+        for k in range(self.encoder_batch):
+            part = samples[k * N_SAMPLES:(k + 1) * N_SAMPLES]
+            span = min(N_FRAMES, len(part) // HOP)
+            if span == 0:
+                break
+            found.append((seek + k * N_FRAMES, span, part if np.any(np.abs(part) > SILENCE) else None))
+            if span < N_FRAMES:
+                break
+        if not found:
+            return 0, None
+        loud = [part for _, _, part in found if part is not None]
+        encoded = iter(self._encode(np.stack([window_features(p, self.n_mels) for p in loud])) if loud else ())
+        for start, span, part in found:
+            ahead[start] = (span, None if part is None else next(encoded)[None])
+        return ahead.pop(seek)
 
     def _segments(self, result: _Window, seek: int, span: int, first_id: int) -> tuple[list[Segment], int]:
         """Split a window's tokens at timestamp pairs; return the segments and how far to move ``seek``."""

@@ -327,7 +327,8 @@ def run_step(step: Mapping[str, Any], staged: Path) -> None:
     if step.get("quantize") == "int8":
         log.info("quantizing %s to int8", step["in"])
         try:
-            quantize_int8(resolve_inside(staged, step["in"]), tuple(step["models"]))
+            quantize_int8(resolve_inside(staged, step["in"]), tuple(step["models"]), ops=tuple(step.get("ops") or ()),
+                          per_channel=bool(step.get("per_channel")), suffix=str(step.get("suffix") or ""))
         except ExportError as exc:
             raise InstallError(str(exc)) from None
         return
@@ -365,9 +366,17 @@ def run_step(step: Mapping[str, Any], staged: Path) -> None:
 INSTALLED_BY = ("installed_by", "gallery")
 
 
+#: Config keys a gallery entry may set to ``auto``: the installer writes this CPU's choice (and the CPU).
+CPU_CHOICES = ("encoder_weights",)
+
+
 def model_yaml(entry: GalleryEntry) -> dict[str, Any]:
-    """The entry's model config with paths made relative to the models directory, marked as the gallery's."""
+    """The entry's model config with paths made relative to the models directory, marked as the gallery's;
+    a CPU-dependent choice left ``auto`` by the entry is made for this CPU (``cpu_features.resolve_auto``)."""
+    from localai_aio.backends.cpu_features import resolve_auto
+
     config = {"name": entry.name, **{k: v for k, v in entry.config.items() if k not in ("name", INSTALLED_BY[0])}}
+    config = resolve_auto(config, CPU_CHOICES)
     params = dict(config.get("parameters") or {})
     if "model" in params:
         params["model"] = f"{entry.name}/{params['model']}"
