@@ -23,7 +23,7 @@ from localai_aio.errors import (
     body_too_large,
 )
 from localai_aio.principal import ANONYMOUS
-from localai_aio.runtime import run_blocking
+from localai_aio.runtime import run_sized
 from localai_aio.validation import raise_validation_error
 
 access_log = logging.getLogger("localai_aio.access")
@@ -137,8 +137,7 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise UnsupportedMediaType(f"Content-Type must be application/json, not "
                                        f"'{request.content_type or 'none'}'")
         raw = await request.read()
-        request[keys.BODY] = await run_blocking(None, validated_json, raw, schema) if len(raw) > OFF_LOOP_BYTES \
-            else validated_json(raw, schema)
+        request[keys.BODY] = await run_sized(len(raw) > OFF_LOOP_BYTES, validated_json, raw, schema)
     return await handler(request)
 
 

@@ -127,6 +127,13 @@ async def run_blocking(executor: Executor | None, fn: Callable[..., T], *args: A
     return await loop.run_in_executor(executor, functools.partial(ctx.run, fn, *args, **kwargs))
 
 
+async def run_sized(large: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the default worker pool when the input is ``large``, else right here: a big request's
+    parsing or shaping would hold the event loop, which writes every stream's tokens, while for a small one
+    the hop to a thread costs more than the work."""
+    return await run_blocking(None, fn, *args) if large else fn(*args)
+
+
 class CancelFlag:
     """Set by the event loop side when the consumer is gone; polled by the worker between items."""
 

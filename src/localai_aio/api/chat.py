@@ -18,7 +18,7 @@ from localai_aio.generation import Piece, TextEngine, TokenLogprob, parse_n, par
 from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.reasoning import ReasoningSplitter, markers_for
-from localai_aio.runtime import run_blocking
+from localai_aio.runtime import run_sized
 from localai_aio.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
 from localai_aio.tools import ToolPlan, plan_tools, tool_prompt
 
@@ -238,9 +238,8 @@ async def chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob,
     """``build_chat_job``, on a worker thread for a long conversation: checking and shaping thousands of
     messages would hold the event loop, which writes every stream's tokens, for tens of milliseconds."""
     messages = body.get("messages")
-    if isinstance(messages, list) and len(messages) > OFF_LOOP_MESSAGES:
-        return await run_blocking(None, build_chat_job, request, body)
-    return build_chat_job(request, body)
+    return await run_sized(isinstance(messages, list) and len(messages) > OFF_LOOP_MESSAGES, build_chat_job,
+                           request, body)
 
 
 def build_chat_job(request: web.Request, body: dict[str, Any]) -> tuple[TextJob, ToolPlan]:

@@ -38,7 +38,7 @@ from localai_aio.api.text import Prepared, TextJob, prompt_fit
 from localai_aio.backends.base import context_size_for
 from localai_aio.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, failure
 from localai_aio.openapi import answers
-from localai_aio.runtime import run_blocking
+from localai_aio.runtime import run_sized
 from localai_aio.schemas import definition_schema
 from localai_aio.sse import EventStream, ending
 from localai_aio.tools import ToolPlan
@@ -229,8 +229,8 @@ async def fitting_job(request: web.Request, parsed: ResponseRequest) -> tuple[Te
 
 async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseRequest:
     given = body.get("input")
-    messages, items = await run_blocking(None, read_input, given) \
-        if isinstance(given, list) and len(given) > OFF_LOOP_MESSAGES else read_input(given)
+    messages, items = await run_sized(isinstance(given, list) and len(given) > OFF_LOOP_MESSAGES, read_input,
+                                      given)
     previous = body.get("previous_response_id")
     if previous is not None:
         try:

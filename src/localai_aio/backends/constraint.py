@@ -64,10 +64,9 @@ class Grammars:
     under a lock, so requests checked at once build it once.
     """
 
-    def __init__(self, build_tokenizer: Callable[[], llguidance.LLTokenizer], n_vocab: int):
+    def __init__(self, build_tokenizer: Callable[[], llguidance.LLTokenizer]):
         self._build_tokenizer = build_tokenizer
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self.n_vocab = n_vocab
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, llguidance.LLMatcher | str] = OrderedDict()
 

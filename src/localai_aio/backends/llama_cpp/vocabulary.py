@@ -49,7 +49,7 @@ class Vocabulary:
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self._eog = {t for t in (ll.llama_vocab_eos(self.vocab), eos_id) if t is not None and t >= 0}
         self._pieces: dict[int, bytes] = {}
-        self.grammars = Grammars(self._grammar_tokenizer, self.n_vocab)
+        self.grammars = Grammars(self._grammar_tokenizer)
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         data = text.encode("utf-8")
