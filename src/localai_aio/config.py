@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from localai_aio.cpu_budget import POLICIES, Priority, usable_cores
+
 log = logging.getLogger(__name__)
 
 #: The package's own defaults (the gallery, the server settings); in a checkout, the repository's conf/.
@@ -91,6 +93,13 @@ def _blob_url(value: str) -> str:
     value = str(value).strip().rstrip("/")
     parse_url(value)
     return value
+
+
+def _fraction(value: str | float) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"expected a number from 0 to 1, got {value!r}")
+    return number
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -175,9 +184,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("background_lease", 30.0, _positive_float,
             "Seconds a replica's claim on a background response lasts without renewal; if the replica dies, "
             "the response is marked failed once its lease runs out.", ("LOCALAI_BACKGROUND_LEASE",), "SECONDS"),
-    Setting("threads", max(1, os.cpu_count() or 1), _positive_int,
-            "Default CPU threads per model instance (a model's YAML `threads` overrides it).",
-            ("LOCALAI_THREADS",), "N"),
+    Setting("threads", usable_cores(), _positive_int,
+            "Default CPU threads per model instance (a model's YAML `threads` overrides it). Default: the cores "
+            "this process may use (its CPU affinity and cgroup quota).", ("LOCALAI_THREADS",), "N"),
+    Setting("cpu_policy", "interactive-first", _choice(*POLICIES),
+            "How engines share the cores. interactive-first: engines take turns on the cores a piece of work at "
+            "a time, and conversations (chat, speech; a model's YAML `priority: interactive`) go before bulk "
+            "work (transcription, embeddings, rerank, images; `priority: bulk`), which uses the cores they "
+            "leave. fair: turns without priorities. off: every engine runs its threads at once, as if it "
+            "had the machine to itself.", ("LOCALAI_CPU_POLICY",), "POLICY"),
+    Setting("cpu_bulk_share", 0.2, _fraction,
+            "Under interactive-first: the part of the core time bulk work still gets while conversations keep "
+            "the cores busy (0 to 1), so transcriptions finish on a server that is never quiet.",
+            ("LOCALAI_CPU_BULK_SHARE",), "FRACTION"),
     Setting("parallel", 4, _at_least_one,
             "Requests one llama-cpp model serves at once (sequence slots in one context, one copy of the "
             "weights); a model's YAML `parallel` overrides it. Other backends load `parallel` instances, "
@@ -266,6 +285,8 @@ class ServerSettings:
     blob_url: str = ""
     background_lease: float = 30.0
     threads: int = 1
+    cpu_policy: str = "interactive-first"
+    cpu_bulk_share: float = 0.2
     parallel: int = 4
     context_size: int = 2048
     upload_limit: float = 15
@@ -384,6 +405,7 @@ KNOWN_MODEL_KEYS = frozenset({
     "known_usecases", "system_prompt", "parallel", "seed", "aliases", "f16", "gpu_layers",
     "description", "usage", "function", "tts", "diffusers", "options", "roles",
     "installed_by",  # the gallery's mark on what it installed (gallery.install.INSTALLED_BY)
+    "priority",  # interactive or bulk: its turn on the cores (cpu_budget)
 })
 BACKEND_OPTION_KEYS = frozenset({
     "providers", "spinning", "mmap", "lib", "extra_buffers", "prompt_cache_mb",  # engines
@@ -406,6 +428,7 @@ class ModelConfig:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     context_size: int | None = None
     threads: int | None = None
+    priority: Priority | None = None  # None: its backend's default (backends.default_priority)
     parallel: int | None = None  # None: the server's default (llama-cpp slots) or 1 instance (others)
     seed: int | None = None
     template: Mapping[str, Any] = field(default_factory=dict)
@@ -477,10 +500,16 @@ def _model_from_yaml(data: dict[str, Any], source: Path, models_path: Path) -> M
     parallel = data.get("parallel")
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise ConfigError("`parallel` must be a whole number of at least 1")
+    priority = data.get("priority")
+    if priority is not None:
+        try:
+            priority = Priority(str(priority).lower())
+        except ValueError:
+            raise ConfigError(f"`priority` must be one of {', '.join(p.value for p in Priority)}") from None
     extra = {k: v for k, v in data.items() if k not in KNOWN_MODEL_KEYS}
     return ModelConfig(
         name=name.strip(), backend=data.get("backend"), model_path=path, parameters=dict(params),
-        context_size=data.get("context_size"), threads=data.get("threads"), parallel=parallel,
+        context_size=data.get("context_size"), threads=data.get("threads"), priority=priority, parallel=parallel,
         seed=data.get("seed", params.get("seed")), template=dict(template),
         stopwords=tuple(str(s) for s in stopwords), system_prompt=data.get("system_prompt"),
         embeddings=bool(data.get("embeddings", False)),

@@ -46,10 +46,16 @@ class _EngineCollector:
                                      "Prompt tokens computed per second, over the last 10 s"),
         "generated_tokens_per_second": ("localai_generation_tokens_per_second",
                                         "Tokens generated per second, over the last 10 s"),
+        "cpu_share": ("localai_model_cpu_share", "The model's part of the core time all engines used, over the "
+                      "last 10 s"),
     }
     COUNTERS = {
         "prompt_tokens": ("localai_prompt_tokens_computed", "Prompt tokens computed (not taken from the cache)"),
         "cached_tokens": ("localai_prompt_tokens_cached", "Prompt tokens reused from the prompt cache"),
+        "cpu_busy_seconds": ("localai_model_cpu_busy_seconds", "Core-seconds of compute the model ran (its "
+                             "pieces' time times their threads)"),
+        "cpu_wait_seconds": ("localai_model_cpu_wait_seconds", "Seconds the model's pieces of compute waited for "
+                             "free cores"),
     }
 
     def __init__(self, reports: Callable[[], Mapping[str, Mapping[str, float]]]):

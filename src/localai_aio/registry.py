@@ -32,8 +32,9 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from localai_aio.backends import CONCURRENT_BACKENDS
+from localai_aio.backends import CONCURRENT_BACKENDS, default_priority
 from localai_aio.backends.base import Backend, BackendError, infer_backend
+from localai_aio.cpu_budget import CpuBudget, Priority, usable_cores
 from localai_aio.config import ModelConfig, ServerSettings
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
@@ -146,8 +147,10 @@ class Reloaded:
 
 class ModelRegistry:
     def __init__(self, configs: Mapping[str, ModelConfig], settings: ServerSettings, *,
-                 backends: Mapping[str, Backend], metrics: Metrics | None = None):
+                 backends: Mapping[str, Backend], metrics: Metrics | None = None, budget: CpuBudget | None = None):
         self.settings = settings
+        #: The cores every engine of this registry draws its threads from (cpu_budget).
+        self.budget = budget or CpuBudget(usable_cores(), settings.cpu_policy, bulk_share=settings.cpu_bulk_share)
         self._backends = dict(backends)
         self._metrics = metrics
         self._slots: dict[str, _Slot] = {name: self._new_slot(cfg) for name, cfg in configs.items()}
@@ -215,6 +218,10 @@ class ModelRegistry:
     def backend_name(self, cfg: ModelConfig) -> str | None:
         return cfg.backend or infer_backend(cfg)
 
+    def priority(self, cfg: ModelConfig) -> Priority:
+        """The model's turn on the cores: its YAML's ``priority``, else its backend's default."""
+        return cfg.priority or default_priority(self.backend_name(cfg))
+
     def first_model(self, usecase: str) -> ModelConfig:
         """The first configured model able to serve ``usecase`` (LocalAI's rule for a missing ``model``)."""
         for slot in self._slots.values():
@@ -250,6 +257,9 @@ class ModelRegistry:
             else:
                 busy = len(slot.instances) - slot.free.qsize()
                 reports[name] = {"busy": busy, "queued": max(0, slot.users - busy)}
+        for name, report in self.budget.report().items():
+            if name in reports:
+                reports[name].update(report)
         return reports
 
     # -- use ----------------------------------------------------------------------------------------------
@@ -357,7 +367,7 @@ class ModelRegistry:
             self._metrics.loaded_models.set(len(self.loaded_names()))
 
     async def _load_instance(self, backend: Backend, cfg: ModelConfig, thread_name: str) -> EngineHandle:
-        thread = EngineThread(thread_name)
+        thread = EngineThread(thread_name, self.budget.account(cfg.name, self.priority(cfg)))
 
         def load() -> Any:
             engine = backend(cfg, self.settings)

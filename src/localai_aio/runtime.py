@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
+from localai_aio import cpu_budget
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class Stepper(Protocol):
 class EngineThread(Executor):
     """A single-thread executor dedicated to one engine instance for its whole life."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, account: cpu_budget.Account | None = None):
+        self._account = account
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stepper: Stepper | None = None
         self._closed = False
@@ -81,6 +84,7 @@ class EngineThread(Executor):
             self._thread.join()
 
     def _run(self) -> None:
+        cpu_budget.bind(self._account)  # before the engine loads: the native pools it starts inherit the priority
         while True:
             stepper = self._stepper
             busy = stepper is not None and stepper.busy()

@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 
 from localai_aio.backends.base import Backend, BackendError
+from localai_aio.cpu_budget import Priority
 
 #: backend name -> (module, the pip extra that installs its engine)
 BACKEND_MODULES: dict[str, tuple[str, str]] = {
@@ -24,6 +25,14 @@ BACKEND_MODULES: dict[str, tuple[str, str]] = {
 
 #: Backends whose one instance serves many requests at once (continuous batching).
 CONCURRENT_BACKENDS = frozenset({"llama-cpp"})
+
+#: Backends whose work is bulk by default (cpu_budget): long or large jobs nobody watches token by token.
+#: Text generation and speech are conversations, interactive.
+BULK_BACKENDS = frozenset({"onnx-whisper", "onnx-embeddings", "onnx-rerank", "onnx-diffusion"})
+
+
+def default_priority(backend: str | None) -> Priority:
+    return Priority.BULK if backend in BULK_BACKENDS else Priority.INTERACTIVE
 
 
 def _lazy(module: str, extra: str) -> Backend:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localai_aio import cpu_budget
 from localai_aio.backends.base import BackendError, scrub, threads_for
 
 if TYPE_CHECKING:
@@ -58,4 +59,24 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spin
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise BackendError(f"ONNX Runtime could not load {path.name}: {scrub(exc, path)}") from None
     log.info("model %s: %s on %s (%d threads)", cfg.name, path.name, ", ".join(session.get_providers()), threads)
-    return session
+    return BudgetedSession(session, threads)
+
+
+class BudgetedSession:
+    """An ONNX Runtime session whose every run is a piece of work on the process's CPU budget (see
+    ``cores``): it waits for as many free cores as the session has threads. Everything else is the session's."""
+
+    def __init__(self, session: Any, threads: int) -> None:
+        self._session = session
+        self.threads = threads
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with cpu_budget.piece(self.threads):
+            return self._session.run(*args, **kwargs)
+
+    def run_with_iobinding(self, *args: Any, **kwargs: Any) -> Any:
+        with cpu_budget.piece(self.threads):
+            return self._session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)

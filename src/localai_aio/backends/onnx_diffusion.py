@@ -16,13 +16,16 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from localai_aio.backends.base import BackendError, require_file, scrub, threads_for
-from localai_aio.backends.onnx_common import default_providers
+from localai_aio.backends.onnx_common import BudgetedSession, default_providers
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
     from localai_aio.runtime import CancelFlag
 
 log = logging.getLogger(__name__)
+
+#: The pipeline's ONNX parts (each an optimum model holding a ``session``).
+PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_encoder", "vae_decoder")
 
 SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
@@ -55,6 +58,10 @@ class DiffusionEngine:
         except Exception as exc:  # optimum raises many kinds for a broken folder
             raise BackendError(f"could not load the pipeline: {scrub(exc, folder)}") from None
         self.pipe.set_progress_bar_config(disable=True)
+        for part in PARTS:  # every step of every part is a piece of work on the CPU budget
+            component = getattr(self.pipe, part, None)
+            if component is not None and hasattr(component, "session"):
+                component.session = BudgetedSession(component.session, options.intra_op_num_threads)
         encoder = getattr(self.pipe, "text_encoder", None)
         outputs = [o.name for o in encoder.session.get_outputs()] if encoder is not None else []
         # clip_skip needs the text encoder's hidden states, which an export only has when asked for them.

@@ -110,9 +110,10 @@ class LlamaCppEngine:
         self.scheduler = Scheduler(llama_cpp, self._ctx, mem, self.vocabulary,
                                    Sampling(llama_cpp, self._ctx, self.vocabulary, n_ctx, self.name),
                                    self.prompt_cache, slots=self.slots_total, n_ctx=n_ctx, n_batch=self.n_batch,
-                                   name=self.name)
+                                   name=self.name, threads=threads)
         self.stats = self.scheduler.stats
-        self.pooling = Pooling(llama_cpp, self._ctx, mem, self.vocabulary, self.n_batch, seq_id=self.slots_total)
+        self.pooling = Pooling(llama_cpp, self._ctx, mem, self.vocabulary, self.n_batch, seq_id=self.slots_total,
+                               threads=threads)
         if not pooled:
             # Built here, during the load, rather than by the first request with a grammar: making it holds
             # the GIL for ~300 ms (50k tokens), which would stall every stream of the process once. A

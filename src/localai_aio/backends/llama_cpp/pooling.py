@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localai_aio import cpu_budget
 from localai_aio.backends.base import BackendError
 from localai_aio.backends.llama_cpp.vocabulary import Vocabulary
 from localai_aio.errors import ContextLengthExceeded
@@ -57,8 +58,10 @@ def _has_rank_head(path: Path) -> bool:
 class Pooling:
     """Embeddings and rerank scores of one context, decoded in sequence ``seq_id``."""
 
-    def __init__(self, ll: Any, ctx: Any, mem: Any, vocabulary: Vocabulary, n_batch: int, seq_id: int):
+    def __init__(self, ll: Any, ctx: Any, mem: Any, vocabulary: Vocabulary, n_batch: int, seq_id: int,
+                 threads: int = 1):
         self._ll = ll
+        self._threads = threads
         self._ctx = ctx
         self._mem = mem
         self._model = vocabulary.model
@@ -160,7 +163,8 @@ class Pooling:
             batch.seq_id[i][0], batch.logits[i] = seq_id, True
         batch.n_tokens = len(tokens)
         try:
-            code = ll.llama_decode(self._ctx, batch)
+            with cpu_budget.piece(self._threads):
+                code = ll.llama_decode(self._ctx, batch)
             pooled = ll.llama_get_embeddings_seq(self._ctx, seq_id) if code == 0 else None
             if not pooled:
                 raise BackendError(f"llama.cpp could not {what} an input (status {code})")

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from localai_aio import cpu_budget
 from localai_aio.backends.base import BackendError, ConstraintError
 from localai_aio.backends.llama_cpp.prompt_cache import MIN_CACHED_TOKENS, PromptCache, common_prefix
 from localai_aio.backends.llama_cpp.sampling import Picker, Sampling
@@ -94,8 +95,9 @@ class Part(NamedTuple):
 
 class Scheduler:
     def __init__(self, ll: Any, ctx: Any, mem: Any, vocabulary: Vocabulary, sampling: Sampling, cache: PromptCache,
-                 *, slots: int, n_ctx: int, n_batch: int, name: str):
+                 *, slots: int, n_ctx: int, n_batch: int, name: str, threads: int = 1):
         self._ll, self._ctx, self._mem = ll, ctx, mem
+        self._threads = threads
         self._vocabulary = vocabulary
         self._sampling = sampling
         self._cache = cache
@@ -216,7 +218,8 @@ class Scheduler:
                 batch.logits[n] = n == part.row
                 n += 1
         batch.n_tokens = n
-        code = self._ll.llama_decode(self._ctx, batch)
+        with cpu_budget.piece(self._threads):
+            code = self._ll.llama_decode(self._ctx, batch)
         if code == 0:
             for seq, tokens, from_prompt, _ in plan:
                 seq.slot.tokens.extend(tokens)
