@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from localai_aio import keys
-from localai_aio.backends.base import ConstraintError
+from localai_aio.backends.base import ConstraintError, EngineBusy, PromptTooLong, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,18 @@ class InternalError(APIError):
 
 
 def from_engine(exc: BaseException) -> APIError | None:
-    """The API error an engine's error means to the client, or None for a failure that is a bug."""
+    """The API error an engine's error means to the client, or None for a failure that is a bug. Engines
+    raise only their own errors (``backends.base``); this is the one place they become HTTP answers."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ConstraintError):
         return InvalidRequest(str(exc), param=exc.param, code="constraint_unsatisfiable")
+    if isinstance(exc, PromptTooLong):
+        return ContextLengthExceeded(str(exc), param=exc.param)
+    if isinstance(exc, Unsupported):
+        return NotImplementedForModel(str(exc), param=exc.param)
+    if isinstance(exc, EngineBusy):
+        return ServerBusy(str(exc), retry_after=exc.retry_after)
     return None
 
 
@@ -254,9 +261,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), dialect=dialect)
-    except ConstraintError as exc:
-        return error_response(from_engine(exc), request.get(keys.REQUEST_ID), dialect=dialect)
-    except Exception:
+    except Exception as exc:
         rid = request.get(keys.REQUEST_ID)
+        known = from_engine(exc)
+        if known is not None:
+            return error_response(known, rid, dialect=dialect)
         log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)
         return error_response(InternalError(f"Internal server error (request id {rid})"), rid, dialect=dialect)

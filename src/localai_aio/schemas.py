@@ -24,7 +24,7 @@ from localai_aio.prompts import ROLES
 
 SPEC_FILE = "localai-swagger.json"
 
-#: Bounds of the sampling fields, (low, high or None): read by ``generation`` and shown in the document.
+#: Bounds of the sampling fields, (low, high or None): read by ``api.sampling`` and shown in the document.
 BOUNDS: dict[str, tuple[float, float | None]] = {
     "temperature": (0, 2), "top_p": (0, 1), "top_k": (0, None), "min_p": (0, 1), "repeat_penalty": (0, 10),
     "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "max_tokens": (1, None), "n": (1, 16),
@@ -164,6 +164,8 @@ FIELD_OVERRIDES: dict[str, Any] = {
     "anthropic.MessagesRequest.temperature": lambda: StrictFloat(validate=validate.Range(0, 1)),
     "anthropic.MessagesRequest.top_p": lambda: StrictFloat(validate=validate.Range(0, 1)),
     "anthropic.MessagesRequest.top_k": lambda: StrictInteger(validate=validate.Range(min=0)),
+    "openai.ResponsesRequest.truncation": lambda: fields.String(
+        validate=validate.OneOf(["disabled", "auto"], error="'auto' or 'disabled'")),
 }
 
 # Documented constraints of single properties, as "definition.property": JSON-schema keywords. The
@@ -172,7 +174,6 @@ FIELD_DOCS: dict[str, dict[str, Any]] = {
     "schema.OpenAIRequest.messages": {"minItems": 1},
     "schema.Message.role": {"enum": sorted(ROLES)},
     "schema.TTSRequest.input": {"minLength": 1, "pattern": r"\S"},  # speech needs some text
-    "openai.ResponsesRequest.truncation": {"enum": ["disabled", "auto"]},
     "schema.JINARerankRequest.top_n": {"minimum": 1},
     "openai.ResponsesRequest.max_output_tokens": {"minimum": 1},
     "openai.ResponsesRequest.temperature": {"minimum": 0, "maximum": 2},

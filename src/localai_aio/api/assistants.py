@@ -44,17 +44,15 @@ def validate_assistant(request: web.Request, body: dict[str, Any], *, partial: b
     """OpenAI's limits; returns the fields to store."""
     fields: dict[str, Any] = {}
     if "model" in body or not partial:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+        model = body.get("model")  # a string when present: the route's schema checks it
+        if not model:
             raise InvalidRequest("'model' is required", param="model")
         registry(request).config(model)  # 404 model_not_found for a model this server does not have
         fields["model"] = model
-    for key, limit in LIMITS.items():
+    for key, limit in LIMITS.items():  # strings, never null: the route's schema checks their type
         if key in body:
             value = body[key]
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequest(f"Invalid value for '{key}': must be a string", param=key)
-            if value is not None and len(value) > limit:
+            if len(value) > limit:
                 raise InvalidRequest(f"'{key}' is too long: {len(value)} characters, at most {limit}", param=key)
             fields[key] = value
     if "tools" in body:
@@ -74,7 +72,7 @@ def _validate_tools(tools: list[Any]) -> list[dict[str, Any]]:
         raise InvalidRequest(f"'tools' has {len(tools)} tools, at most {MAX_TOOLS}", param="tools")
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
-        if tool.get("type") not in TOOL_TYPES:
+        if "type" not in tool:  # its value is one of the spec's tool types: the route's schema checks it
             raise InvalidRequest(f"Invalid value for '{where}.type': must be one of {', '.join(TOOL_TYPES)}",
                                  param=f"{where}.type")
         if tool["type"] == "function":

@@ -10,11 +10,14 @@ from aiohttp import web
 from localai_aio import keys
 from localai_aio.api.chat import sampling_defaults
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
+from localai_aio.api.sampling import parse_n, parse_params
 from localai_aio.api.text import TextJob, serve_text, stream_options
+from localai_aio.backends.text import TextEngine
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
-from localai_aio.generation import TextEngine, TokenLogprob, parse_n, parse_params, tokenize_prompt
 from localai_aio.openapi import answers
 from localai_aio.prompts import render_completion
+from localai_aio.text.choices import TokenLogprob
+from localai_aio.text.engine_fit import tokenize_prompt
 from localai_aio.tools import plan_tools
 
 routes = web.RouteTableDef()
@@ -108,9 +111,7 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise InvalidRequest("Invalid value for 'suffix': must be a string", param="suffix")
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise InvalidRequest("Invalid value for 'echo': must be a boolean", param="echo")
+    echo = body.get("echo", False)  # a boolean: the route's schema checks it
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("'best_of' other than 1 is not supported", param="best_of")
     logprobs = _logprobs(body)

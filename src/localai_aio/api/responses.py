@@ -237,9 +237,6 @@ async def parse_request(request: web.Request, body: dict[str, Any]) -> ResponseR
             messages = await call_store(request, "response_history", previous) + messages
         except NotFound as exc:
             raise NotFound(exc.message, param="previous_response_id") from None
-    truncation = body.get("truncation") or "disabled"
-    if truncation not in ("disabled", "auto"):
-        raise InvalidRequest("Invalid value for 'truncation': 'auto' or 'disabled'", param="truncation")
     instructions = body.get("instructions")
     chat = {
         "model": body.get("model"),

@@ -32,6 +32,30 @@ class ConstraintError(BackendError):
         self.param = param
 
 
+class PromptTooLong(BackendError):
+    """A request's tokens do not fit the model's context; ``param`` names the request field they came from."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+class Unsupported(BackendError):
+    """The model cannot do what the request asks (a capability it lacks, not a failure)."""
+
+    def __init__(self, message: str, param: str = "model"):
+        super().__init__(message)
+        self.param = param
+
+
+class EngineBusy(BackendError):
+    """The engine has no room for this request now; retrying after ``retry_after`` seconds may succeed."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Engine(Protocol):
     """One loaded model instance. ``close`` releases its memory."""
 
