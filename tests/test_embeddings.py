@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import DEFAULT_MODELS, default_model_configs, write_model_yaml
-from localai_aio import keys
 from localai_aio.config import ServerSettings
+from localai_aio.server import keys
 from tiny_models import export_tiny_bert, write_standin_embedder, write_tiny_gguf
 
 E = "/v1/embeddings"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_model_yaml
-from localai_aio import keys
-from localai_aio.api.images import remove_old_images
 from localai_aio.config import ServerSettings
+from localai_aio.server import keys
+from localai_aio.store.generated_images import remove_old_images
 
 pytestmark = [
     pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("diffusers", "optimum", "torch")),

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.app import create_app
 from localai_aio.backends.base import BackendError
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
 from localai_aio.registry import ModelRegistry
+from localai_aio.server import keys
 
 
 class RecordingBackend:

@@ -8,11 +8,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
 from localai_aio.api.common import json_route, registry, storage_call
 from localai_aio.errors import InvalidRequest, NotFound
-from localai_aio.openapi import answers
-from localai_aio.schemas import definition_schema
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
+from localai_aio.server.schemas import definition_schema
 from localai_aio.store.base import Page, StoreNotFound
 from localai_aio.tools import check_schema
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.sampling import parse_n, parse_params
 from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stream_options
 from localai_aio.backends.text import TextEngine
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
-from localai_aio.openapi import answers
 from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
 from localai_aio.reasoning import ReasoningSplitter, markers_for
 from localai_aio.runtime import run_sized
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
 from localai_aio.text.choices import Piece, TokenLogprob
 from localai_aio.text.engine_fit import tokenize_prompt
 from localai_aio.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments

@@ -18,12 +18,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
 from localai_aio.api.common import json_route, registry
 from localai_aio.api.speech import Utterance, speak, speed_of, spoken, spoken_text, tts_model
 from localai_aio.audio import FORMATS
 from localai_aio.errors import InvalidRequest
-from localai_aio.openapi import answers
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
 from localai_aio.speech_timing import alignment
 
 routes = web.RouteTableDef()

@@ -17,13 +17,13 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.batching import MicroBatcher
 from localai_aio.errors import APIError, InvalidRequest
 from localai_aio.openai_tokens import cl100k_texts, means_cl100k
-from localai_aio.openapi import answers
 from localai_aio.runtime import run_blocking
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
 
 routes = web.RouteTableDef()
 

@@ -36,9 +36,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
-from localai_aio.access import admin_only
-from localai_aio.api.images import public_base
+from localai_aio.api.common import public_base
 from localai_aio.config import conf_file
 from localai_aio.errors import APIError, Conflict, InternalError, InvalidRequest, NotFound
 from localai_aio.gallery.install import (
@@ -51,10 +49,12 @@ from localai_aio.gallery.install import (
     is_installed,
     load_gallery,
 )
-from localai_aio.live_reload import reload_models
-from localai_aio.middlewares import EXPECTS_JSON
-from localai_aio.openapi import answers
 from localai_aio.runtime import EngineThread, run_blocking
+from localai_aio.server import keys
+from localai_aio.server.access import admin_only
+from localai_aio.server.live_reload import reload_models
+from localai_aio.server.middlewares import EXPECTS_JSON
+from localai_aio.server.openapi import answers
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()

@@ -6,8 +6,8 @@ from aiohttp import web
 from aiohttp_apigami import docs
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from localai_aio import keys
-from localai_aio.access import admin_only
+from localai_aio.server import keys
+from localai_aio.server.access import admin_only
 
 routes = web.RouteTableDef()
 

@@ -13,19 +13,19 @@ import asyncio
 import base64
 import logging
 import re
-import secrets
 import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
-from localai_aio.api.common import json_route, now, resolve_model, storage_call
+from localai_aio.api.common import json_route, now, public_base, resolve_model, storage_call
 from localai_aio.errors import InvalidRequest, NotFound
-from localai_aio.openapi import answers
 from localai_aio.runtime import CancelFlag
-from localai_aio.store.blobs import BlobNotFound, BlobStore
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
+from localai_aio.store.blobs import BlobNotFound
+from localai_aio.store.generated_images import PREFIX, save_image
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -33,31 +33,6 @@ routes = web.RouteTableDef()
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_IMAGES = 10
-PREFIX = "generated-images/"  # the images' keys in the blob store
-
-
-def _save(blobs: BlobStore, data: bytes) -> str:
-    name = secrets.token_hex(16) + ".png"
-    staged = blobs.staging_path()
-    try:
-        staged.write_bytes(data)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    blobs.put(PREFIX + name, staged)
-    return name
-
-
-def remove_old_images(blobs: BlobStore, max_age: float, now_: float | None = None) -> int:
-    """Delete generated images older than ``max_age`` seconds; returns how many. Every replica may run
-    this at once: deleting what another has just deleted is fine."""
-    cutoff = (now_ or time.time()) - max_age
-    old = [info.key for info in blobs.list(PREFIX) if info.modified < cutoff]
-    for key in old:
-        blobs.delete(key)
-    return len(old)
-
-
 def _int(body: dict[str, Any], key: str, lo: int, hi: int | None) -> int | None:
     value = body.get(key)
     if value is None:
@@ -116,21 +91,10 @@ async def generate_images(request: web.Request) -> web.Response:
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     else:
-        names = [await storage_call(request.app, _save, request.app[keys.BLOBS], png) for png in pngs]
+        names = [await storage_call(request.app, save_image, request.app[keys.BLOBS], png) for png in pngs]
         base = public_base(request)
         data = [{"url": f"{base}/generated-images/{name}"} for name in names]
     return web.json_response({"created": now(), "data": data})
-
-
-def public_base(request: web.Request) -> str:
-    """Where clients reach this server: ``--base-url``, else what a proxy says it forwarded, else the request."""
-    configured = request.app[keys.SETTINGS].base_url
-    if configured:
-        return configured
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    proto = proto if proto in ("http", "https") else request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
-    return f"{proto}://{host}"
 
 
 @routes.get("/generated-images/{name}")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio.access import admin_only
 from localai_aio.api.common import registry
-from localai_aio.live_reload import reload_models
-from localai_aio.openapi import answers
+from localai_aio.server.access import admin_only
+from localai_aio.server.live_reload import reload_models
+from localai_aio.server.openapi import answers
 
 routes = web.RouteTableDef()
 

@@ -19,11 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
-from localai_aio.openapi import answers
-from localai_aio.schemas import definition_schema
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
+from localai_aio.server.schemas import definition_schema
 
 routes = web.RouteTableDef()
 

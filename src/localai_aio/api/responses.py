@@ -22,7 +22,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
 from localai_aio.api.assistants import call_store, list_body, list_params, store_call
 from localai_aio.api.chat import (
     OFF_LOOP_MESSAGES,
@@ -37,10 +36,11 @@ from localai_aio.api.common import json_route
 from localai_aio.api.text import Prepared, TextJob, prompt_fit
 from localai_aio.backends.base import context_size_for
 from localai_aio.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, failure
-from localai_aio.openapi import answers
 from localai_aio.runtime import run_sized
-from localai_aio.schemas import definition_schema
-from localai_aio.sse import EventStream, ending
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
+from localai_aio.server.schemas import definition_schema
+from localai_aio.server.sse import EventStream, ending
 from localai_aio.tools import ToolPlan
 
 routes = web.RouteTableDef()

@@ -14,7 +14,7 @@ from typing import Any
 
 from localai_aio.backends.text import GenParams
 from localai_aio.errors import InvalidRequest
-from localai_aio.schemas import BOUNDS
+from localai_aio.server.schemas import BOUNDS
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGIT_BIAS = 300

@@ -20,13 +20,14 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from localai_aio import __version__, keys
+from localai_aio import __version__
 from localai_aio.backends.text import GenParams, SeqEnd, TextEngine, TokenStream
 from localai_aio.config import ModelConfig
 from localai_aio.reasoning import Markers
 from localai_aio.registry import EngineHandle
 from localai_aio.runtime import produced
-from localai_aio.sse import EventStream, ending
+from localai_aio.server import keys
+from localai_aio.server.sse import EventStream, ending
 from localai_aio.text.choices import ChoiceText, Finish, Piece, TokenLogprob
 from localai_aio.text.engine_fit import check_capabilities, check_prompt_fits
 from localai_aio.tool_formats import GENERIC, ToolFormat

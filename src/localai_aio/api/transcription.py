@@ -10,15 +10,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
 from localai_aio.backends.onnx_whisper import WordTimestampsUnavailable
 from localai_aio.backends.whisper_languages import language_name
 from localai_aio.errors import InvalidRequest
-from localai_aio.openapi import USE_CASE, answers, form_body
 from localai_aio.runtime import CancelFlag, run_blocking
+from localai_aio.server import keys
+from localai_aio.server.openapi import USE_CASE, answers, form_body
 
 routes = web.RouteTableDef()
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")

@@ -28,11 +28,11 @@ from importlib.resources.abc import Traversable
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio import keys
 from localai_aio.api.common import registry
 from localai_aio.errors import NotFound
-from localai_aio.openapi import answers
 from localai_aio.runtime import run_blocking
+from localai_aio.server import keys
+from localai_aio.server.openapi import answers
 
 routes = web.RouteTableDef()
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.config import ModelConfig, load_model_configs
 from localai_aio.registry import Reloaded
 from localai_aio.runtime import run_blocking
+from localai_aio.server import keys
 
 log = logging.getLogger(__name__)
 

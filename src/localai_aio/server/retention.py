@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from localai_aio import keys
-from localai_aio.api.images import remove_old_images
 from localai_aio.config import ServerSettings
 from localai_aio.runtime import run_blocking
+from localai_aio.server import keys
 from localai_aio.store.base import Store, StoreNotFound, StoreUnavailable
 from localai_aio.store.blobs import BlobUnavailable
+from localai_aio.store.generated_images import remove_old_images
 
 log = logging.getLogger(__name__)
 

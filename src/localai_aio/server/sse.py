@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.errors import APIError, failure
+from localai_aio.server import keys
 
 log = logging.getLogger(__name__)
 

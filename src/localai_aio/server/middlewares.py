@@ -13,8 +13,6 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from marshmallow import Schema, ValidationError
 
-from localai_aio import keys
-from localai_aio.access import ADMIN_ONLY
 from localai_aio.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -24,7 +22,9 @@ from localai_aio.errors import (
 )
 from localai_aio.principal import ANONYMOUS
 from localai_aio.runtime import run_sized
-from localai_aio.validation import raise_validation_error
+from localai_aio.server import keys
+from localai_aio.server.access import ADMIN_ONLY
+from localai_aio.server.validation import raise_validation_error
 
 access_log = logging.getLogger("localai_aio.access")
 
