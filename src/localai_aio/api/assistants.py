@@ -14,7 +14,7 @@ from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.server.schemas import definition_schema
 from localai_aio.store.base import Page, StoreNotFound
-from localai_aio.tools import check_schema
+from localai_aio.text.tools import check_schema
 
 routes = web.RouteTableDef()
 

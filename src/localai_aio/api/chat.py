@@ -15,15 +15,15 @@ from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stre
 from localai_aio.backends.text import TextEngine
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
-from localai_aio.prompts import chat_template_source, normalize_messages, render_chat
-from localai_aio.reasoning import ReasoningSplitter, markers_for
 from localai_aio.runtime import run_sized
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.text.choices import Piece, TokenLogprob
 from localai_aio.text.engine_fit import tokenize_prompt
-from localai_aio.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
-from localai_aio.tools import ToolPlan, plan_tools, tool_prompt
+from localai_aio.text.prompts import chat_template_source, normalize_messages, render_chat
+from localai_aio.text.reasoning import ReasoningSplitter, markers_for
+from localai_aio.text.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
+from localai_aio.text.tools import ToolPlan, plan_tools, tool_prompt
 
 routes = web.RouteTableDef()
 MAX_TOP_LOGPROBS = 20

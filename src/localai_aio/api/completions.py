@@ -13,12 +13,12 @@ from localai_aio.api.sampling import parse_n, parse_params
 from localai_aio.api.text import TextJob, serve_text, stream_options
 from localai_aio.backends.text import TextEngine
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
-from localai_aio.prompts import render_completion
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.text.choices import TokenLogprob
 from localai_aio.text.engine_fit import tokenize_prompt
-from localai_aio.tools import plan_tools
+from localai_aio.text.prompts import render_completion
+from localai_aio.text.tools import plan_tools
 
 routes = web.RouteTableDef()
 MAX_LOGPROBS = 5

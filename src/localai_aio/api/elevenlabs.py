@@ -20,11 +20,11 @@ from aiohttp_apigami import docs
 
 from localai_aio.api.common import json_route, registry
 from localai_aio.api.speech import Utterance, speak, speed_of, spoken, spoken_text, tts_model
-from localai_aio.audio import FORMATS
+from localai_aio.audio.codecs import FORMATS
+from localai_aio.audio.speech_timing import alignment
 from localai_aio.errors import InvalidRequest
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers
-from localai_aio.speech_timing import alignment
 
 routes = web.RouteTableDef()
 

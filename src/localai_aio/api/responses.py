@@ -41,7 +41,7 @@ from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.server.schemas import definition_schema
 from localai_aio.server.sse import EventStream, ending
-from localai_aio.tools import ToolPlan
+from localai_aio.text.tools import ToolPlan
 
 routes = web.RouteTableDef()
 

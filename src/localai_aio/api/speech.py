@@ -20,14 +20,14 @@ import numpy as np
 from aiohttp import web
 
 from localai_aio.api.common import json_route, registry, resolve_model
-from localai_aio.audio import FORMATS, OPENAI_FORMATS, AudioFormat, StreamEncoder
+from localai_aio.audio.codecs import FORMATS, OPENAI_FORMATS, AudioFormat, StreamEncoder
+from localai_aio.audio.speech_timing import character_times, sentences
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.runtime import produced
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.server.sse import write_or_drop
-from localai_aio.speech_timing import character_times, sentences
 
 log = logging.getLogger(__name__)
 #: OpenAI's raw ``pcm`` is 24 kHz 16-bit mono whatever the voice: players built for it assume that rate.

@@ -23,14 +23,14 @@ from aiohttp import web
 from localai_aio import __version__
 from localai_aio.backends.text import GenParams, SeqEnd, TextEngine, TokenStream
 from localai_aio.config import ModelConfig
-from localai_aio.reasoning import Markers
 from localai_aio.registry import EngineHandle
 from localai_aio.runtime import produced
 from localai_aio.server import keys
 from localai_aio.server.sse import EventStream, ending
 from localai_aio.text.choices import ChoiceText, Finish, Piece, TokenLogprob
 from localai_aio.text.engine_fit import check_capabilities, check_prompt_fits
-from localai_aio.tool_formats import GENERIC, ToolFormat
+from localai_aio.text.reasoning import Markers
+from localai_aio.text.tool_formats import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
 

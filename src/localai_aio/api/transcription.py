@@ -12,7 +12,7 @@ from aiohttp_apigami import docs
 
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
-from localai_aio.audio import AudioTooLong, UnreadableAudio, open_audio
+from localai_aio.audio.codecs import AudioTooLong, UnreadableAudio, open_audio
 from localai_aio.backends.onnx_whisper import WordTimestampsUnavailable
 from localai_aio.backends.whisper_languages import language_name
 from localai_aio.errors import InvalidRequest

@@ -39,7 +39,7 @@ from localai_aio.backends.onnx_common import make_session
 from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, N_SAMPLES, window_features
 
 if TYPE_CHECKING:
-    from localai_aio.audio import AudioSource
+    from localai_aio.audio.codecs import AudioSource
     from localai_aio.config import ModelConfig, ServerSettings
     from localai_aio.runtime import CancelFlag
 

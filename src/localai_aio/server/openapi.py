@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio.prompts import ROLES
 from localai_aio.registry import usecases
 from localai_aio.server import keys
+from localai_aio.text.prompts import ROLES
 
 #: Where apigami keeps the generated document.
 _DOCUMENT = "swagger_dict"

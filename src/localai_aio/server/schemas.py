@@ -20,7 +20,7 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
-from localai_aio.prompts import ROLES
+from localai_aio.text.prompts import ROLES
 
 SPEC_FILE = "localai-swagger.json"
 

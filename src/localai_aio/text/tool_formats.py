@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from localai_aio.reasoning import partial_suffix
+from localai_aio.text.reasoning import partial_suffix
 
 # Grammar rules in llguidance's Lark dialect. Whitespace between markup and JSON is bounded, so a grammar
 # never lets a model loop on blanks; free text is anything that does not open a JSON call.

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from localai_aio.errors import InvalidRequest
-from localai_aio.tool_formats import ToolFormat
+from localai_aio.text.tool_formats import ToolFormat
 
 MAX_TOOLS = 128
 
