@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from localai_aio.backends.base import BackendError, ConstraintError, EngineBusy, PromptTooLong, Unsupported
+from localai_aio.backends.base import (
+    BackendError,
+    ConstraintError,
+    EngineBusy,
+    InputRefused,
+    PromptTooLong,
+    Unsupported,
+)
 from localai_aio.errors import from_engine
 
 
 @pytest.mark.parametrize(("exc", "status", "code", "param", "headers"), [
     (ConstraintError("no token fits", "response_format"), 400, "constraint_unsatisfiable", "response_format", {}),
+    (InputRefused("no alignment graph", "timestamp_granularities"), 400, None, "timestamp_granularities", {}),
     (PromptTooLong("too long", "documents"), 400, "context_length_exceeded", "documents", {}),
     (Unsupported("does not rerank", "model"), 400, "unsupported_for_model", "model", {}),
     (EngineBusy("no room", retry_after=2), 503, "server_overloaded", None, {"Retry-After": "2"}),

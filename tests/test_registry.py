@@ -254,7 +254,7 @@ async def test_cancelled_waiters_never_strand_a_free_instance() -> None:
         assert not pending, "a waiter was left beside a free instance"
         survivors = [t for t in tasks if not t.cancelled()]
         assert all(t.exception() is None for t in survivors)
-    slot = reg._slots["a"]
+    slot = reg._models["a"]
     assert slot.users == 0 and slot.free.qsize() == 1
 
 

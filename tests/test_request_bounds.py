@@ -26,7 +26,8 @@ async def small(make_client, tmp_path: Path, tiny_gguf: Path):  # noqa: ANN001
 
 
 async def test_a_flood_of_messages_is_truncated_in_a_few_renders(small, monkeypatch) -> None:  # noqa: ANN001
-    from localai_aio.api import responses, text
+    from localai_aio.api import text_jobs as text
+    from localai_aio.api.openai import responses
 
     renders: list[int] = []
     original = text.prompt_fit

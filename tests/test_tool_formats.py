@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from conftest import ServerProcess, write_model_yaml
-from localai_aio.api.chat import _messages_for_template
+from localai_aio.api.chat_jobs import _messages_for_template
 from localai_aio.text.prompts import render_chat
 from localai_aio.text.tool_formats import GENERIC, HERMES, LLAMA3, MISTRAL, CallSplitter, detect
 from localai_aio.text.tools import plan_tools

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from conftest import DEFAULT_MODELS, ServerProcess, default_model_configs
-from localai_aio.api.ui import load_assets
+from localai_aio.api.localai.ui import load_assets
 from localai_aio.config import ServerSettings
 from localai_aio.server import keys
 

@@ -17,24 +17,20 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec
 
 from localai_aio import __version__
-from localai_aio.api import (
+from localai_aio.api.anthropic import messages
+from localai_aio.api.elevenlabs import text_to_speech
+from localai_aio.api.localai import gallery_jobs, health, rerank, tokenize, tts, ui
+from localai_aio.api.openai import (
     assistants,
     chat,
     completions,
-    elevenlabs,
     embeddings,
     files,
-    gallery_jobs,
-    health,
     images,
-    messages,
     models,
-    rerank,
     responses,
     speech,
-    tokenize,
     transcription,
-    ui,
 )
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
@@ -54,8 +50,8 @@ from localai_aio.store.blobs import BlobUnavailable
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, elevenlabs,
-               transcription, images, assistants, files, gallery_jobs, ui)
+API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, tts,
+               text_to_speech, transcription, images, assistants, files, gallery_jobs, ui)
 
 
 def _check_config_dir(path: Path) -> None:

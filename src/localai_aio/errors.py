@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from localai_aio.backends.base import ConstraintError, EngineBusy, PromptTooLong, Unsupported
+from localai_aio.backends.base import ConstraintError, EngineBusy, InputRefused, PromptTooLong, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ def from_engine(exc: BaseException) -> APIError | None:
         return exc
     if isinstance(exc, ConstraintError):
         return InvalidRequest(str(exc), param=exc.param, code="constraint_unsatisfiable")
+    if isinstance(exc, InputRefused):
+        return InvalidRequest(str(exc), param=exc.param)
     if isinstance(exc, PromptTooLong):
         return ContextLengthExceeded(str(exc), param=exc.param)
     if isinstance(exc, Unsupported):

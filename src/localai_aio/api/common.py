@@ -33,9 +33,9 @@ def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Sch
                responses: dict[str, Any] | None = None) -> Callable[[Handler], Handler]:
     """Document a handler with the seed spec's schema for ``spec_path`` (or ``schema`` for routes the
     seed lacks) and validate its JSON body with it. ``use_case`` makes the documented ``model`` the
-    models that serve it; ``responses`` (``openapi.answers``) documents what comes back.
+    models that serve it; ``responses`` (``server.openapi.answers``) documents what comes back.
 
-    The validated body is in ``request[keys.BODY]`` (``middlewares.body_middleware`` puts it there).
+    The validated body is in ``request[keys.BODY]`` (``server.middlewares.body_middleware`` puts it there).
     """
     body = schema or body_schema(method, spec_path)
     extra: dict[str, Any] = {"responses": responses} if responses else {}

@@ -2,7 +2,7 @@
 the HTTP side of the seam (engines take the dataclass and never read a request).
 
 A model YAML's ``parameters`` give the defaults and the request overrides them; the merged values are
-checked here against the bounds the API spec declares (``schemas.BOUNDS``), so a bad default in a YAML
+checked here against the bounds the API spec declares (``server.schemas.BOUNDS``), so a bad default in a YAML
 is refused as clearly as a bad request field.
 """
 

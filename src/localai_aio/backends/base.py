@@ -32,6 +32,14 @@ class ConstraintError(BackendError):
         self.param = param
 
 
+class InputRefused(BackendError):
+    """The request asks what this model cannot give for its input; ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class PromptTooLong(BackendError):
     """A request's tokens do not fit the model's context; ``param`` names the request field they came from."""
 

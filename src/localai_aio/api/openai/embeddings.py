@@ -1,7 +1,7 @@
 """POST /v1/embeddings (and /embeddings): vectors in input order, merged across concurrent requests.
 
 Token ids are read in the model's own vocabulary, or in OpenAI's ``cl100k_base`` when the request names
-an OpenAI embedding model (``openai_tokens``). Documented behaviour for awkward input: an empty string,
+an OpenAI embedding model (``cl100k``). Documented behaviour for awkward input: an empty string,
 more than ``--embeddings-max-inputs`` inputs, or a token id outside the vocabulary get 400 naming the
 input; text longer than the model takes is truncated at its maximum length (``usage`` counts the tokens
 really used).
@@ -18,9 +18,9 @@ import orjson
 from aiohttp import web
 
 from localai_aio.api.common import json_route, resolve_model
-from localai_aio.batching import MicroBatcher
+from localai_aio.api.openai.cl100k import cl100k_texts, means_cl100k
+from localai_aio.api.openai.embedding_batches import MicroBatcher
 from localai_aio.errors import APIError, InvalidRequest
-from localai_aio.openai_tokens import cl100k_texts, means_cl100k
 from localai_aio.runtime import run_blocking
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers

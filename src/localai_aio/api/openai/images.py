@@ -3,7 +3,8 @@
 Images are kept in the blob store (``generated-images/<name>``: under ``--config-dir`` unless
 ``--blob-url`` says otherwise), so that every replica serves the images any of them made; names are
 made by the server (32 hex digits) and images are removed once older than ``--generated-max-age`` (or
-``--retention-days``, when shorter) by the retention sweep (``retention``).
+``--retention-days``, when shorter) by the retention sweep (``server.retention``); the blob store's side of
+them is ``store.generated_images``.
 Generation runs off the event loop and stops between denoising steps when the client leaves.
 """
 

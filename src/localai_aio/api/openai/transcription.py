@@ -13,7 +13,6 @@ from aiohttp_apigami import docs
 from localai_aio.api.common import resolve_model
 from localai_aio.api.multipart import Upload
 from localai_aio.audio.codecs import AudioTooLong, UnreadableAudio, open_audio
-from localai_aio.backends.onnx_whisper import WordTimestampsUnavailable
 from localai_aio.backends.whisper_languages import language_name
 from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import CancelFlag, run_blocking
@@ -130,8 +129,6 @@ async def _handle(request: web.Request, task: str) -> web.Response:
                 result = await handle.run(engine.transcribe, audio, language=language, task=task,
                                           prompt=field("prompt"), temperature=temperature, cancel=cancel,
                                           words="word" in granularities)
-        except WordTimestampsUnavailable as exc:
-            raise InvalidRequest(str(exc), param="timestamp_granularities") from None
         finally:
             cancel.set()
             request.app[keys.METRICS].inference.labels(cfg.name, task).observe(time.perf_counter() - started)

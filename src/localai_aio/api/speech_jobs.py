@@ -1,5 +1,5 @@
-"""Text to speech: OpenAI's POST /v1/audio/speech and LocalAI's /tts, and the speaking that ElevenLabs'
-routes (``api.elevenlabs``) share with them.
+"""Text to speech as every protocol's routes share it: OpenAI's POST /v1/audio/speech
+(``api.openai.speech``), LocalAI's /tts (``api.localai.tts``) and ElevenLabs' (``api.elevenlabs``).
 
 Audio is streamed as it is made, one sentence at a time (chunked transfer): the first sentence plays
 while the rest is synthesized. A client that leaves stops the synthesis at the next sentence.
@@ -19,20 +19,16 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from localai_aio.api.common import json_route, registry, resolve_model
-from localai_aio.audio.codecs import FORMATS, OPENAI_FORMATS, AudioFormat, StreamEncoder
+from localai_aio.api.common import registry, resolve_model
+from localai_aio.audio.codecs import AudioFormat, StreamEncoder
 from localai_aio.audio.speech_timing import character_times, sentences
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.runtime import produced
 from localai_aio.server import keys
-from localai_aio.server.openapi import answers
 from localai_aio.server.sse import write_or_drop
 
 log = logging.getLogger(__name__)
-#: OpenAI's raw ``pcm`` is 24 kHz 16-bit mono whatever the voice: players built for it assume that rate.
-OPENAI_PCM_RATE = 24000
-routes = web.RouteTableDef()
 
 MAX_INPUT = 4096
 
@@ -173,29 +169,3 @@ async def speak(request: web.Request, job: Utterance, *, shape: Callable[[bytes,
     finally:
         app[keys.METRICS].tts_sentences.labels(job.cfg.name).inc(max(sentences_sent, 0))
     return response
-
-
-@routes.post("/v1/audio/speech")
-@routes.post("/audio/speech")
-@json_route("post", "/v1/audio/speech", "audio", use_case="tts", responses=answers(content_type="audio/*"))
-async def audio_speech(request: web.Request) -> web.StreamResponse:
-    body = request[keys.BODY]
-    text = spoken_text(body, "input")
-    speed = speed_of(body)
-    name = body.get("response_format", "mp3")
-    if name not in OPENAI_FORMATS:
-        raise InvalidRequest(f"Invalid value for 'response_format': {name!r}; supported: "
-                             f"{', '.join(OPENAI_FORMATS)}", param="response_format")
-    cfg, voice = tts_model(request, body.get("model"), body.get("voice"))
-    return await speak(request, Utterance(cfg, text, voice, speed, FORMATS[name],
-                                          OPENAI_PCM_RATE if name == "pcm" else None))
-
-
-@routes.post("/tts")
-@json_route("post", "/v1/audio/speech", "audio", summary="LocalAI's text to speech (WAV).", use_case="tts",
-            responses=answers(content_type="audio/wav"))
-async def localai_tts(request: web.Request) -> web.StreamResponse:
-    body = request[keys.BODY]
-    cfg, voice = tts_model(request, body.get("model"), body.get("voice"))
-    job = Utterance(cfg, spoken_text(body, "input"), voice, speed_of(body), FORMATS["wav"], None)
-    return await speak(request, job)

@@ -8,7 +8,7 @@ Why it works this way:
   or the package's own), so a model installed from the web UI is exactly one installed from the shell.
 - An install downloads and exports for minutes: it runs on a thread of its own, never on the event loop,
   one install at a time (a lock, taken in the order asked), and the request answers at once.
-- Once the model's YAML is written, the models directory is read again (``live_reload.reload_models``,
+- Once the model's YAML is written, the models directory is read again (``server.live_reload.reload_models``,
   what SIGHUP and ``POST /models/reload`` do): the model is served at once, without a restart.
 - An install never silently replaces a model the gallery did not install (a hand-written YAML, an export):
   that is a 409 before any job starts, unless the request says ``"overwrite": true``. The gallery marks

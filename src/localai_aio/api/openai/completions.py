@@ -7,10 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio.api.chat import sampling_defaults
+from localai_aio.api.chat_jobs import sampling_defaults
 from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
 from localai_aio.api.sampling import parse_n, parse_params
-from localai_aio.api.text import TextJob, serve_text, stream_options
+from localai_aio.api.text_jobs import TextJob, serve_text, stream_options
 from localai_aio.backends.text import TextEngine
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.server import keys

@@ -22,8 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio.api.assistants import call_store, list_body, list_params, store_call
-from localai_aio.api.chat import (
+from localai_aio.api.chat_jobs import (
     OFF_LOOP_MESSAGES,
     ArgumentsDelta,
     CallStart,
@@ -33,7 +32,8 @@ from localai_aio.api.chat import (
     turn_events,
 )
 from localai_aio.api.common import json_route
-from localai_aio.api.text import Prepared, TextJob, prompt_fit
+from localai_aio.api.stored import call_store, list_body, list_params, store_call
+from localai_aio.api.text_jobs import Prepared, TextJob, prompt_fit
 from localai_aio.backends.base import context_size_for
 from localai_aio.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, failure
 from localai_aio.runtime import run_sized

@@ -1,4 +1,6 @@
-"""POST /v1/chat/completions (and LocalAI's /chat/completions), with tools and structured output."""
+"""A chat request as every protocol shares it: the job built from messages, tools and sampling fields, its
+answer shaped as OpenAI chat chunks (``ChatFormat``), and one turn as protocol-neutral events
+(``turn_events``) for the Responses and Messages APIs. The routes are ``api.openai.chat``'s."""
 
 from __future__ import annotations
 
@@ -9,15 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio.api.common import json_route, new_id, now, registry, resolve_model
+from localai_aio.api.common import registry, resolve_model
 from localai_aio.api.sampling import parse_n, parse_params
-from localai_aio.api.text import Prepared, TextJob, generation, serve_text, stream_options
+from localai_aio.api.text_jobs import Prepared, TextJob, generation, stream_options
 from localai_aio.backends.text import TextEngine
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import run_sized
 from localai_aio.server import keys
-from localai_aio.server.openapi import answers
 from localai_aio.text.choices import Piece, TokenLogprob
 from localai_aio.text.engine_fit import tokenize_prompt
 from localai_aio.text.prompts import chat_template_source, normalize_messages, render_chat
@@ -25,7 +26,6 @@ from localai_aio.text.reasoning import ReasoningSplitter, markers_for
 from localai_aio.text.tool_formats import GENERIC, CallSplitter, ToolFormat, detect, object_arguments
 from localai_aio.text.tools import ToolPlan, plan_tools, tool_prompt
 
-routes = web.RouteTableDef()
 MAX_TOP_LOGPROBS = 20
 ARGUMENT_FRAGMENT = 24  # characters of a streamed tool call's arguments per delta
 
@@ -333,11 +333,3 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
                         yield ArgumentsDelta(call["function"]["arguments"])
                 if chunk["finish_reason"] is not None:
                     yield TurnEnd(chunk["finish_reason"], event.completion_tokens, event.stop_sequence)
-
-
-@routes.post("/v1/chat/completions")
-@routes.post("/chat/completions")
-@json_route("post", "/v1/chat/completions", "chat", use_case="chat", responses=answers("ChatCompletion", stream=True))
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    job, plan = await chat_job(request, request[keys.BODY])
-    return await serve_text(request, job, ChatFormat(plan, job), new_id("chatcmpl"), now())

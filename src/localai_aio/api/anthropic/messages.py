@@ -20,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from localai_aio.api.chat import ArgumentsDelta, CallStart, TextDelta, TurnEnd, TurnEvent, chat_job, turn_events
+from localai_aio.api.chat_jobs import ArgumentsDelta, CallStart, TextDelta, TurnEnd, TurnEvent, chat_job, turn_events
 from localai_aio.api.common import json_route
-from localai_aio.api.text import Prepared, prompt_tokens
+from localai_aio.api.text_jobs import Prepared, prompt_tokens
 from localai_aio.errors import InvalidRequest
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers

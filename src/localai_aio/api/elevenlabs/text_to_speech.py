@@ -4,8 +4,8 @@ the timed variants ``/with-timestamps`` and ``/stream/with-timestamps``, and GET
 ``output_format`` is honoured as ElevenLabs names it: codec, sample rate and, for MP3, the bitrate
 (``mp3_44100_128``, ``mp3_22050_32``, ``pcm_16000``, ``ulaw_8000``, ...). The timed answers give each
 character of the text its start and end from the phoneme durations the voice computes
-(``speech_timing``); streamed, each sentence comes as one JSON line with its audio and its characters.
-Errors on these routes are in ElevenLabs' ``{"detail": {"status", "message"}}`` shape (``errors``).
+(``audio.speech_timing``); streamed, each sentence comes as one JSON line with its audio and its characters.
+Errors on these routes are in ElevenLabs' ``{"detail": {"status", "message"}}`` shape (``server.error_responses``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio.api.common import json_route, registry
-from localai_aio.api.speech import Utterance, speak, speed_of, spoken, spoken_text, tts_model
+from localai_aio.api.speech_jobs import Utterance, speak, speed_of, spoken, spoken_text, tts_model
 from localai_aio.audio.codecs import FORMATS
 from localai_aio.audio.speech_timing import alignment
 from localai_aio.errors import InvalidRequest

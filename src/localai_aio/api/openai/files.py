@@ -7,8 +7,8 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from localai_aio.api.assistants import call_store, list_body, list_params
 from localai_aio.api.multipart import Upload
+from localai_aio.api.stored import call_store, list_body, list_params
 from localai_aio.errors import InvalidRequest
 from localai_aio.runtime import run_blocking
 from localai_aio.server import keys

@@ -12,7 +12,7 @@ Why it is served this way:
 - A Content-Security-Policy lets the page load scripts, styles, media and connections from this origin
   only: it cannot fetch anything from another host, and markup that got past the sanitiser cannot run
   inline script.
-- The page and its assets are public (``middlewares.PUBLIC_PATHS``); the API behind them is not: the UI
+- The page and its assets are public (``server.middlewares.PUBLIC_PATHS``); the API behind them is not: the UI
   asks for a key when the API answers 401.
 """
 
