@@ -22,6 +22,7 @@ from aiohttp import web
 from localai_aio.api.common import registry, resolve_model
 from localai_aio.audio.codecs import AudioFormat, StreamEncoder
 from localai_aio.audio.speech_timing import character_times, sentences
+from localai_aio.backends.families import SpeechEngine
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest, NotImplementedForModel
 from localai_aio.runtime import produced
@@ -79,7 +80,7 @@ class Utterance:
     rate: int | None  # the output's sample rate (None: the voice's own)
 
 
-def _audio_parts(engine: Any, speaker: int | None, job: Utterance, timed: bool) -> Callable[[Any], Iterator]:
+def _audio_parts(engine: SpeechEngine, speaker: int | None, job: Utterance, timed: bool) -> Callable[[Any], Iterator]:
     """On the engine's thread: synthesis and encoding together, one sentence at a time. Each part is the
     encoded bytes and, when ``timed``, when each of the sentence's characters is spoken."""
     def parts(cancel):  # noqa: ANN001, ANN202

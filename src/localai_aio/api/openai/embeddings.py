@@ -20,6 +20,7 @@ from aiohttp import web
 from localai_aio.api.common import json_route, resolve_model
 from localai_aio.api.openai.cl100k import cl100k_texts, means_cl100k
 from localai_aio.api.openai.embedding_batches import MicroBatcher
+from localai_aio.backends.families import EmbeddingEngine
 from localai_aio.errors import APIError, InvalidRequest
 from localai_aio.runtime import run_blocking
 from localai_aio.server import keys
@@ -60,7 +61,7 @@ def _as_text(items: list[Item]) -> list[Item]:
     return [("text", next(texts)) if kind == "tokens" else (kind, data) for kind, data in items]
 
 
-def _embed_items(engine: Any, items: list[Item]) -> list[tuple[np.ndarray, int] | APIError]:
+def _embed_items(engine: EmbeddingEngine, items: list[Item]) -> list[tuple[np.ndarray, int] | APIError]:
     """Runs in a worker: one engine call for the whole merged batch; bad items fail alone."""
     results: list[tuple[np.ndarray, int] | APIError | None] = [None] * len(items)
     texts = [i for i, (kind, _) in enumerate(items) if kind == "text"]
