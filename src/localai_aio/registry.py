@@ -17,8 +17,8 @@ Why it is shaped this way:
 - ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
   Preloaded models are pinned: neither unloads them, so readiness stays true; a failed preload is
   remembered with its reason for ``/readyz``.
-- ``reload`` takes new configs while serving: requests already inside ``acquire`` keep the state (and
-  engine) they hold, new ones get the new config; a changed or removed model's old state is unloaded
+- ``reload`` takes new configs while serving: requests already inside ``acquire`` keep the model's state
+  (and engine) they hold, new ones get the new config; a changed or removed model's old state is unloaded
   once its last request is done.
 """
 
@@ -116,7 +116,7 @@ class EngineHandle:
 
 @dataclass
 class _ModelState:
-    """Runtime state of one configured model (not to be confused with a batching engine's slots)."""
+    """Runtime state of one configured model: its config, loaded instances, users and load errors."""
 
     cfg: ModelConfig
     parallel: int = 1  # requests served at once
