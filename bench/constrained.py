@@ -120,8 +120,8 @@ def twenty_tools() -> list[dict[str, Any]]:
 def compile_times(models_path: str, model: str) -> dict[str, float]:
     from localai_aio.backends.llama_cpp import load
     from localai_aio.config import ServerSettings, load_model_configs
-    from localai_aio.tool_formats import detect
-    from localai_aio.tools import plan_tools
+    from localai_aio.text.tool_formats import detect
+    from localai_aio.text.tools import plan_tools
 
     cfg = load_model_configs(models_path)[0][model]
     engine = load(cfg, ServerSettings(models_path=models_path, threads=1))

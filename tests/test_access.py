@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 
 from conftest import write_model_yaml
-from localai_aio import keys
-from localai_aio.access import AccessPolicy
 from localai_aio.cli import build_parser
 from localai_aio.config import ServerSettings, load_settings
 from localai_aio.principal import OPEN, Principal, key_hash
+from localai_aio.server import keys
+from localai_aio.server.access import AccessPolicy
 
 ADMIN, USER_A, USER_B = "root-key", "usera", "userb"
 EVIL = "http://attacker.example"

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from localai_aio.app import create_app
 from localai_aio.config import ServerSettings
-from localai_aio.middlewares import PUBLIC_PATHS, PUBLIC_PREFIXES
+from localai_aio.server.middlewares import PUBLIC_PATHS, PUBLIC_PREFIXES
 
 CHAT = "/v1/chat/completions"
 
@@ -306,7 +306,7 @@ async def test_a_client_that_leaves_is_logged_as_499(client, caplog) -> None:  #
 
     from aiohttp.test_utils import make_mocked_request
 
-    from localai_aio.middlewares import request_log_middleware
+    from localai_aio.server.middlewares import request_log_middleware
 
     async def cancelled(_request: object) -> None:
         raise asyncio.CancelledError

@@ -89,7 +89,7 @@ async def test_long_prompt_is_prefilled_in_chunks_beside_a_running_stream(bclien
 
 def test_empty_prompt_is_refused() -> None:
     from localai_aio.errors import InvalidRequest
-    from localai_aio.generation import check_prompt_fits
+    from localai_aio.text.engine_fit import check_prompt_fits
 
     class Engine:
         n_ctx = 16

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from localai_aio.api.multipart import MAX_PARTS
-from localai_aio.audio import MAX_RATE, MIN_RATE, UnsupportedRate, open_audio
+from localai_aio.audio.codecs import MAX_RATE, MIN_RATE, UnsupportedRate, open_audio
 from localai_aio.config import ModelConfig, ServerSettings
 
 MB = 1024 * 1024

@@ -201,7 +201,7 @@ def test_compiled_grammars_are_kept(tmp_path: Path) -> None:
     """One compile per grammar text: a second check of the same grammar is a lookup."""
     from localai_aio.backends.llama_cpp import load
     from localai_aio.config import ServerSettings, load_model_configs
-    from localai_aio.tools import schema_grammar
+    from localai_aio.text.tools import schema_grammar
 
     write_tiny_gguf(tmp_path / "t.gguf")
     write_model_yaml(tmp_path, "t", backend="llama-cpp", context_size=256, parameters={"model": "t.gguf"})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import DEFAULT_MODELS, ServerProcess, default_model_configs, write_model_yaml
-from localai_aio.speech_timing import character_times, sentences
+from localai_aio.audio.speech_timing import character_times, sentences
 from tiny_models import STANDIN_SAMPLES_PER_PHONEME, write_standin_piper
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("piper") is None or importlib.util.find_spec("av") is None

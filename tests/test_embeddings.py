@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import DEFAULT_MODELS, default_model_configs, write_model_yaml
-from localai_aio import keys
 from localai_aio.config import ServerSettings
+from localai_aio.server import keys
 from tiny_models import export_tiny_bert, write_standin_embedder, write_tiny_gguf
 
 E = "/v1/embeddings"
@@ -267,7 +267,7 @@ async def test_default_minilm_matches_sentence_transformers(make_client, tmp_pat
 
 
 async def test_batcher_runs_up_to_concurrency_batches_and_bounds_what_waits() -> None:
-    from localai_aio.batching import MicroBatcher
+    from localai_aio.api.openai.embedding_batches import MicroBatcher
     from localai_aio.errors import ServerBusy
 
     running = peak = 0
@@ -304,7 +304,7 @@ async def test_large_responses_are_encoded_off_the_event_loop(eclient, monkeypat
 
     import orjson
 
-    from localai_aio.api import embeddings as api
+    from localai_aio.api.openai import embeddings as api
 
     threads: list[str] = []
     dumps = orjson.dumps

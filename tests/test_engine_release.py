@@ -61,7 +61,7 @@ async def leave_during_work(client, timeline: Timeline, path: str, **kwargs) -> 
 
 @pytest.mark.llama
 async def test_prompt_preparation(make_client, tmp_path: Path, tiny_gguf: Path, monkeypatch) -> None:  # noqa: ANN001
-    from localai_aio.api import text
+    from localai_aio.api import text_jobs as text
 
     timeline = Timeline(monkeypatch)
     monkeypatch.setattr(text, "_prepare", timeline.slow(text._prepare))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_model_yaml
-from localai_aio import keys
-from localai_aio.api.images import remove_old_images
 from localai_aio.config import ServerSettings
+from localai_aio.server import keys
+from localai_aio.store.generated_images import remove_old_images
 
 pytestmark = [
     pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("diffusers", "optimum", "torch")),
@@ -231,7 +231,7 @@ async def test_client_leaving_cancels_between_steps(iclient, caplog) -> None:  #
     long_job = asyncio.ensure_future(client.post(IMAGES, json={
         "model": "sd", "prompt": "a cat", "n": 10, "size": "128x128", "step": 150, "response_format": "b64_json"}))
     await asyncio.sleep(1.0)
-    with caplog.at_level(logging.INFO, logger="localai_aio.api.images"):
+    with caplog.at_level(logging.INFO, logger="localai_aio.api.openai.images"):
         long_job.cancel()  # the client goes away mid-generation
         with pytest.raises(asyncio.CancelledError):
             await long_job

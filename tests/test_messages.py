@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from conftest import ServerProcess, write_model_yaml
-from localai_aio.api import messages as messages_api
+from localai_aio.api.anthropic import messages as messages_api
 from localai_aio.config import ServerSettings
 from localai_aio.errors import InternalError
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import sse_events, write_model_yaml
 from localai_aio.config import ServerSettings
-from localai_aio.reasoning import Markers, ReasoningSplitter, markers_for
+from localai_aio.text.reasoning import Markers, ReasoningSplitter, markers_for
 from tiny_models import CHATML, write_tiny_gguf
 
 CHAT = "/v1/chat/completions"

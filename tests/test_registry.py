@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from localai_aio import keys
 from localai_aio.app import create_app
 from localai_aio.backends.base import BackendError
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
 from localai_aio.registry import ModelRegistry
+from localai_aio.server import keys
 
 
 class RecordingBackend:
@@ -254,7 +254,7 @@ async def test_cancelled_waiters_never_strand_a_free_instance() -> None:
         assert not pending, "a waiter was left beside a free instance"
         survivors = [t for t in tasks if not t.cancelled()]
         assert all(t.exception() is None for t in survivors)
-    slot = reg._slots["a"]
+    slot = reg._models["a"]
     assert slot.users == 0 and slot.free.qsize() == 1
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_model_yaml
 from localai_aio.config import ServerSettings
-from localai_aio.prompts import MAX_MESSAGES
+from localai_aio.text.prompts import MAX_MESSAGES
 
 pytestmark = pytest.mark.llama
 
@@ -26,7 +26,8 @@ async def small(make_client, tmp_path: Path, tiny_gguf: Path):  # noqa: ANN001
 
 
 async def test_a_flood_of_messages_is_truncated_in_a_few_renders(small, monkeypatch) -> None:  # noqa: ANN001
-    from localai_aio.api import responses, text
+    from localai_aio.api import text_jobs as text
+    from localai_aio.api.openai import responses
 
     renders: list[int] = []
     original = text.prompt_fit
@@ -51,7 +52,7 @@ async def test_a_flood_of_messages_is_truncated_in_a_few_renders(small, monkeypa
 
 
 async def test_too_many_messages_are_refused_before_any_work(small, monkeypatch) -> None:  # noqa: ANN001
-    from localai_aio import prompts
+    from localai_aio.text import prompts
 
     assert MAX_MESSAGES == 50_000
     monkeypatch.setattr(prompts, "MAX_MESSAGES", 10)  # the same check, without a 2 MB request per route

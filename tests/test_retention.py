@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from localai_aio import keys, retention
-from localai_aio.api.images import PREFIX, _save
 from localai_aio.config import ServerSettings, load_settings
+from localai_aio.server import keys, retention
+from localai_aio.store.generated_images import PREFIX
+from localai_aio.store.generated_images import save_image as _save
 from test_assistants import upload
 from test_store import backdate, response
 

@@ -152,7 +152,7 @@ def test_sigterm_drains_a_stream_and_refuses_new_connections(server_process, pro
 
 
 async def test_readiness_says_draining(make_client) -> None:  # noqa: ANN001
-    from localai_aio import keys
+    from localai_aio.server import keys
 
     client = await make_client()
     assert (await client.get("/readyz")).status == 200

@@ -171,7 +171,7 @@ async def test_streams_and_stops_when_the_client_leaves(tts, caplog) -> None:  #
     client, _ = tts
     text = " ".join(f"This is sentence number {i} of a long text." for i in range(300))[:4096]
     sentences = text.count(".")
-    with caplog.at_level(logging.INFO, logger="localai_aio.api.speech"):
+    with caplog.at_level(logging.INFO, logger="localai_aio.api.speech_jobs"):
         resp = await client.post(SPEECH, json={"model": "voice", "input": text, "speed": 0.25,
                                                "response_format": "pcm"})
         first = await resp.content.readany()

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_model_yaml
 from localai_aio.config import ServerSettings
-from localai_aio.tools import schema_grammar
+from localai_aio.text.tools import schema_grammar
 from tiny_models import vocabulary, write_tiny_gguf
 
 pytestmark = pytest.mark.llama

@@ -16,10 +16,10 @@ import openai
 import pytest
 
 from conftest import ServerProcess, write_model_yaml
-from localai_aio.api.chat import _messages_for_template
-from localai_aio.prompts import render_chat
-from localai_aio.tool_formats import GENERIC, HERMES, LLAMA3, MISTRAL, CallSplitter, detect
-from localai_aio.tools import plan_tools
+from localai_aio.api.chat_jobs import _messages_for_template
+from localai_aio.text.prompts import render_chat
+from localai_aio.text.tool_formats import GENERIC, HERMES, LLAMA3, MISTRAL, CallSplitter, detect
+from localai_aio.text.tools import plan_tools
 from tiny_models import write_tiny_gguf
 
 TIME = {"type": "function", "function": {

@@ -289,8 +289,8 @@ async def test_yaml_parallel_calls_and_mixed_mode(make_client, tmp_path: Path, t
     write_model_yaml(models, "nomixed", context_size=1024, parameters={"model": "t.gguf"},
                      function={"grammar": {"mixed_mode": False}})
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1))
-    from localai_aio.tool_formats import GENERIC
-    from localai_aio.tools import plan_tools
+    from localai_aio.text.tool_formats import GENERIC
+    from localai_aio.text.tools import plan_tools
 
     # parallel_calls: false -> the grammar has no array branch, so exactly one call comes back
     request = {"tools": [WEATHER, TIME], "tool_choice": "required"}

@@ -222,7 +222,7 @@ async def test_long_audio_in_windows_and_formats(wclient) -> None:  # noqa: ANN0
 def test_windows_encoded_in_batches_give_what_one_at_a_time_gives(tiny_whisper: Path) -> None:
     """Windows encoded ahead in one run (``encoder_batch``) give the same text, segments, word times and
     seeks as windows encoded one at a time; digital silence between them is still skipped unheard."""
-    from localai_aio.audio import open_audio
+    from localai_aio.audio.codecs import open_audio
     from localai_aio.backends.onnx_whisper import load
     from localai_aio.config import ModelConfig
     from localai_aio.runtime import CancelFlag
@@ -451,7 +451,7 @@ def reset_peak_rss() -> int:
 
 
 def test_too_long_is_refused_from_the_header(two_hours_one_minute: bytes) -> None:
-    from localai_aio.audio import AudioTooLong, open_audio
+    from localai_aio.audio.codecs import AudioTooLong, open_audio
 
     assert len(two_hours_one_minute) < 300_000
     with pytest.raises(AudioTooLong) as refused:
@@ -495,7 +495,7 @@ def test_source_holds_about_a_window(ten_minutes_cd: bytes) -> None:
     and the blocks joining them) stays far below the clip's 38 MB at 16 kHz."""
     import tracemalloc
 
-    from localai_aio.audio import AudioSource
+    from localai_aio.audio.codecs import AudioSource
 
     source = AudioSource(ten_minutes_cd)
     tracemalloc.start()
@@ -517,7 +517,7 @@ def test_block_decoder_matches_resampling_the_whole_clip(block_frames: int) -> N
     import soundfile
     import soxr
 
-    from localai_aio.audio import AudioSource
+    from localai_aio.audio.codecs import AudioSource
 
     rng = np.random.default_rng(0)
     stereo = np.stack([tone(7.0, 44100), 0.1 * rng.standard_normal(7 * 44100).astype(np.float32)], axis=1)
@@ -539,7 +539,7 @@ def test_block_decoder_matches_resampling_the_whole_clip(block_frames: int) -> N
 
 
 def test_source_reads_can_skip_ahead_and_past_the_end() -> None:
-    from localai_aio.audio import AudioSource
+    from localai_aio.audio.codecs import AudioSource
 
     audio = tone(3.0)
     source = AudioSource(wav_bytes(audio), block_frames=1000)
@@ -706,7 +706,7 @@ CONTAINERS = [("webm", "libopus", "a.webm"), ("ipod", "aac", "a.m4a"), ("mp4", "
 
 @pytest.mark.parametrize(("container", "codec", "filename"), CONTAINERS)
 def test_containers_people_record_in_are_decoded(container: str, codec: str, filename: str) -> None:
-    from localai_aio.audio import open_audio
+    from localai_aio.audio.codecs import open_audio
 
     t = np.arange(48000 * 2) / 48000
     data = encode((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, container, codec)
@@ -721,7 +721,7 @@ def test_containers_people_record_in_are_decoded(container: str, codec: str, fil
 def test_a_length_no_header_states_is_bounded_while_decoding() -> None:
     """A container that does not state its length (as browsers' webm recordings do not) is refused as
     soon as decoding passes the limit."""
-    from localai_aio.audio import AudioSource, AudioTooLong
+    from localai_aio.audio.codecs import AudioSource, AudioTooLong
 
     source = AudioSource(wav_bytes(tone(8.0)), max_seconds=3.0, block_frames=16000)
     source._header_seconds = None  # what such a container gives

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from conftest import DEFAULT_MODELS, ServerProcess, default_model_configs
-from localai_aio import keys
-from localai_aio.api.ui import load_assets
+from localai_aio.api.localai.ui import load_assets
 from localai_aio.config import ServerSettings
+from localai_aio.server import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "src" / "localai_aio" / "web"

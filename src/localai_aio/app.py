@@ -16,45 +16,42 @@ import aiohttp_cors
 from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec
 
-from localai_aio import __version__, keys, openapi
-from localai_aio.access import AccessPolicy
-from localai_aio.api import (
+from localai_aio import __version__
+from localai_aio.api.anthropic import messages
+from localai_aio.api.elevenlabs import text_to_speech
+from localai_aio.api.localai import gallery_jobs, health, rerank, tokenize, tts, ui
+from localai_aio.api.openai import (
     assistants,
     chat,
     completions,
-    elevenlabs,
     embeddings,
     files,
-    gallery_jobs,
-    health,
     images,
-    messages,
     models,
-    rerank,
     responses,
     speech,
-    tokenize,
     transcription,
-    ui,
 )
 from localai_aio.backends import default_backends
 from localai_aio.backends.base import Backend
 from localai_aio.config import ConfigError, ModelConfig, ServerSettings, check_api_keys, load_model_configs
-from localai_aio.errors import error_middleware
-from localai_aio.live_reload import live_reload_ctx
 from localai_aio.metrics import Metrics
-from localai_aio.middlewares import access_middleware, body_middleware, request_log_middleware
 from localai_aio.registry import ModelRegistry
-from localai_aio.retention import retention_ctx
 from localai_aio.runtime import lower_priority, run_blocking
+from localai_aio.server import keys, openapi
+from localai_aio.server.access import AccessPolicy
+from localai_aio.server.error_responses import error_middleware
+from localai_aio.server.live_reload import live_reload_ctx
+from localai_aio.server.middlewares import access_middleware, body_middleware, request_log_middleware
+from localai_aio.server.retention import retention_ctx
 from localai_aio.store import blobs, open_store
 from localai_aio.store.base import StoreUnavailable
 from localai_aio.store.blobs import BlobUnavailable
 
 log = logging.getLogger(__name__)
 
-API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, elevenlabs,
-               transcription, images, assistants, files, gallery_jobs, ui)
+API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, tts,
+               text_to_speech, transcription, images, assistants, files, gallery_jobs, ui)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -83,7 +80,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     executor = app[keys.EXECUTOR]
     try:
         app[keys.BLOBS] = blobs.from_url(settings.blob_url, Path(settings.config_dir))
-        store = await run_blocking(executor, open_store, settings, app[keys.BLOBS])
+        store = await run_blocking(executor, open_store, settings.database_url, settings.config_dir,
+                                   app[keys.BLOBS])
     except (StoreUnavailable, BlobUnavailable, ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from None
     app[keys.STORE] = store

@@ -1,28 +1,20 @@
-"""Typed API errors and the one middleware that renders every failure in OpenAI's error shape.
+"""Typed API errors, and the one map from an engine's errors to them (``from_engine``).
 
-Handlers and backends raise these; nothing else builds error bodies, so every route answers
-``{"error": {"message", "type", "param", "code"}}`` with the right status. Anthropic's Messages API
-routes (``/v1/messages...``) answer Anthropic's ``{"type": "error", "error": {"type", "message"}}``
-and ElevenLabs' routes (``/v1/text-to-speech...``, ``/v1/voices``) its ``{"detail": {"status",
-"message"}}`` instead, since their clients read only that.
+Handlers raise these; engines raise their own (``backends.base``) and never see these. Nothing else
+builds error bodies, so every route answers ``{"error": {"message", "type", "param", "code"}}`` with the
+right status; Anthropic's and ElevenLabs' routes answer their own shapes (``body_for``). The middleware
+that renders them is ``server.error_responses``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-from localai_aio import keys
-from localai_aio.backends.base import ConstraintError
+from localai_aio.backends.base import ConstraintError, EngineBusy, InputRefused, PromptTooLong, Unsupported
 
 log = logging.getLogger(__name__)
 
-#: Routes whose errors are in another API's shape, by that API: the path itself or anything below it.
-DIALECTS = {"/v1/messages": "anthropic", "/v1/text-to-speech": "elevenlabs", "/v1/voices": "elevenlabs"}
 #: Anthropic's error type by HTTP status; other statuses are api_error (5xx) or invalid_request_error.
 ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -176,11 +168,20 @@ class InternalError(APIError):
 
 
 def from_engine(exc: BaseException) -> APIError | None:
-    """The API error an engine's error means to the client, or None for a failure that is a bug."""
+    """The API error an engine's error means to the client, or None for a failure that is a bug. Engines
+    raise only their own errors (``backends.base``); this is the one place they become HTTP answers."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ConstraintError):
         return InvalidRequest(str(exc), param=exc.param, code="constraint_unsatisfiable")
+    if isinstance(exc, InputRefused):
+        return InvalidRequest(str(exc), param=exc.param)
+    if isinstance(exc, PromptTooLong):
+        return ContextLengthExceeded(str(exc), param=exc.param)
+    if isinstance(exc, Unsupported):
+        return NotImplementedForModel(str(exc), param=exc.param)
+    if isinstance(exc, EngineBusy):
+        return ServerBusy(str(exc), retry_after=exc.retry_after)
     return None
 
 
@@ -192,71 +193,3 @@ def failure(exc: BaseException, what: str, request_id: str | None) -> APIError:
         return known
     log.error("%s failed (request id %s)", what, request_id, exc_info=exc)
     return InternalError("Generation failed")
-
-
-def dialect_of(request: web.Request) -> str:
-    """Whose error shape the route speaks: "openai", or another API's (``DIALECTS``)."""
-    for path, dialect in DIALECTS.items():
-        if request.path == path or request.path.startswith(path + "/"):
-            return dialect
-    return "openai"
-
-
-def error_response(err: APIError, request_id: str | None = None, *, dialect: str = "openai") -> web.Response:
-    headers = dict(err.headers)
-    if request_id:
-        headers["X-Request-ID"] = request_id
-    return web.json_response(err.body_for(dialect), status=err.status, headers=headers)
-
-
-_HTTP_ERRORS: dict[int, type[APIError]] = {
-    400: InvalidRequest, 401: AuthenticationFailed, 404: NotFound, 405: MethodNotAllowed,
-    413: PayloadTooLarge, 415: UnsupportedMediaType,
-}
-
-
-def _from_http_exception(exc: web.HTTPException, request: web.Request) -> APIError:
-    """Translate aiohttp's own HTTP errors (router 404/405, body too large, ...) into API errors."""
-    if exc.status == 404:
-        return NotFound(f"Unknown route: {request.method} {request.path}")
-    if exc.status == 405:
-        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
-        err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}"
-                               + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
-        if allowed:
-            err.headers["Allow"] = ",".join(allowed)
-        return err
-    if exc.status == 413:  # aiohttp's own count (``client_max_size``) while reading a body
-        return body_too_large(request.app[keys.SETTINGS].upload_limit)
-    cls = _HTTP_ERRORS.get(exc.status)
-    if cls is None:
-        cls = InternalError if exc.status >= 500 else InvalidRequest
-    text = exc.text or exc.reason
-    try:  # webargs and friends put JSON in the body
-        text = json.dumps(json.loads(text)) if text else exc.reason
-    except (TypeError, ValueError):
-        pass
-    err = cls(text or exc.reason)
-    err.status = exc.status
-    return err
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as an OpenAI error (Anthropic's or ElevenLabs' on their routes); log
-    unexpected ones with the request id, never leak them."""
-    dialect = dialect_of(request)
-    try:
-        return await handler(request)
-    except APIError as err:
-        return error_response(err, request.get(keys.REQUEST_ID), dialect=dialect)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_from_http_exception(exc, request), request.get(keys.REQUEST_ID), dialect=dialect)
-    except ConstraintError as exc:
-        return error_response(from_engine(exc), request.get(keys.REQUEST_ID), dialect=dialect)
-    except Exception:
-        rid = request.get(keys.REQUEST_ID)
-        log.exception("unexpected error in %s %s (request id %s)", request.method, request.path, rid)
-        return error_response(InternalError(f"Internal server error (request id {rid})"), rid, dialect=dialect)

@@ -17,8 +17,8 @@ Why it is shaped this way:
 - ``max_loaded_models`` unloads the least recently used idle model; ``idle_timeout`` unloads idle ones.
   Preloaded models are pinned: neither unloads them, so readiness stays true; a failed preload is
   remembered with its reason for ``/readyz``.
-- ``reload`` takes new configs while serving: requests already inside ``acquire`` keep the slot (and
-  engine) they hold, new ones get the new config; a changed or removed model's old slot is unloaded
+- ``reload`` takes new configs while serving: requests already inside ``acquire`` keep the model's state
+  (and engine) they hold, new ones get the new config; a changed or removed model's old state is unloaded
   once its last request is done.
 """
 
@@ -116,8 +116,8 @@ class EngineHandle:
 
 
 @dataclass
-class _Slot:
-    """Runtime state of one configured model."""
+class _ModelState:
+    """Runtime state of one configured model: its config, loaded instances, users and load errors."""
 
     cfg: ModelConfig
     parallel: int = 1  # requests served at once
@@ -153,49 +153,49 @@ class ModelRegistry:
         self.budget = budget or CpuBudget(usable_cores(), settings.cpu_policy, bulk_share=settings.cpu_bulk_share)
         self._backends = dict(backends)
         self._metrics = metrics
-        self._slots: dict[str, _Slot] = {name: self._new_slot(cfg) for name, cfg in configs.items()}
+        self._models: dict[str, _ModelState] = {name: self._new_state(cfg) for name, cfg in configs.items()}
         self._aliases: dict[str, str] = {}
         self._index()
         self._evict_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
-    def _new_slot(self, cfg: ModelConfig) -> _Slot:
+    def _new_state(self, cfg: ModelConfig) -> _ModelState:
         shared = self.backend_name(cfg) in CONCURRENT_BACKENDS
-        return _Slot(cfg, cfg.parallel or (self.settings.parallel if shared else 1), shared)
+        return _ModelState(cfg, cfg.parallel or (self.settings.parallel if shared else 1), shared)
 
     def _index(self) -> None:
-        """Aliases and preload pins, from the slots."""
+        """Aliases and preload pins, from the model states."""
         self._aliases = {}
-        for name, slot in self._slots.items():
-            for alias in slot.cfg.aliases:
-                if alias not in self._slots:
+        for name, state in self._models.items():
+            for alias in state.cfg.aliases:
+                if alias not in self._models:
                     self._aliases.setdefault(alias, name)
         for name in self.settings.preload_models:  # create_app refuses unknown names at start
-            slot = self._slots.get(name) or self._slots.get(self._aliases.get(name, ""))
-            if slot is not None:
-                slot.pinned = True
+            state = self._models.get(name) or self._models.get(self._aliases.get(name, ""))
+            if state is not None:
+                state.pinned = True
 
     def reload(self, configs: Mapping[str, ModelConfig]) -> Reloaded:
         """Serve ``configs`` from now on. Unchanged models keep their loaded engines; a changed or removed
-        model's old slot serves the requests that hold it and is unloaded once they are done."""
-        added = [name for name in configs if name not in self._slots]
-        changed = [name for name in configs if name in self._slots and self._slots[name].cfg != configs[name]]
-        removed = [name for name in self._slots if name not in configs]
+        model's old state serves the requests that hold it and is unloaded once they are done."""
+        added = [name for name in configs if name not in self._models]
+        changed = [name for name in configs if name in self._models and self._models[name].cfg != configs[name]]
+        removed = [name for name in self._models if name not in configs]
         for name in changed + removed:
-            self._retire(self._slots.pop(name))
+            self._retire(self._models.pop(name))
         for name in added + changed:
-            self._slots[name] = self._new_slot(configs[name])
+            self._models[name] = self._new_state(configs[name])
         self._index()
         return Reloaded(tuple(added), tuple(changed), tuple(removed))
 
-    def _retire(self, slot: _Slot) -> None:
+    def _retire(self, state: _ModelState) -> None:
         async def when_idle() -> None:
-            if slot.loading is not None:
-                await asyncio.wait([slot.loading])
-            while slot.users:
-                slot.idle.clear()
-                await slot.idle.wait()
-            await self._unload(slot, reason="its config changed or was removed")
+            if state.loading is not None:
+                await asyncio.wait([state.loading])
+            while state.users:
+                state.idle.clear()
+                await state.idle.wait()
+            await self._unload(state, reason="its config changed or was removed")
 
         task = asyncio.ensure_future(when_idle())
         self._retiring.add(task)
@@ -204,16 +204,16 @@ class ModelRegistry:
     # -- lookup -------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return list(self._slots)
+        return list(self._models)
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)
 
     def config(self, name: str) -> ModelConfig:
-        slot = self._slots.get(name) or self._slots.get(self._aliases.get(name, ""))
-        if slot is None:
+        state = self._models.get(name) or self._models.get(self._aliases.get(name, ""))
+        if state is None:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-        return slot.cfg
+        return state.cfg
 
     def backend_name(self, cfg: ModelConfig) -> str | None:
         return cfg.backend or infer_backend(cfg)
@@ -224,39 +224,39 @@ class ModelRegistry:
 
     def first_model(self, usecase: str) -> ModelConfig:
         """The first configured model able to serve ``usecase`` (LocalAI's rule for a missing ``model``)."""
-        for slot in self._slots.values():
-            if usecase in self.usecases(slot.cfg):
-                return slot.cfg
+        for state in self._models.values():
+            if usecase in self.usecases(state.cfg):
+                return state.cfg
         raise ModelNotFound(f"No model is configured for {usecase}; pass `model`", param="model")
 
     def usecases(self, cfg: ModelConfig) -> set[str]:
         return usecases(cfg)
 
     def is_loaded(self, name: str) -> bool:
-        return self._slots[self.config(name).name].loaded
+        return self._models[self.config(name).name].loaded
 
     def parallel(self, name: str) -> int:
         """Requests the model serves at once (its instances, or a batching engine's slots)."""
-        return self._slots[self.config(name).name].parallel
+        return self._models[self.config(name).name].parallel
 
     def load_error(self, name: str) -> str | None:
         """Why the model's last load failed, until a load succeeds."""
-        return self._slots[self.config(name).name].load_error
+        return self._models[self.config(name).name].load_error
 
     def loaded_names(self) -> list[str]:
-        return [name for name, slot in self._slots.items() if slot.loaded]
+        return [name for name, state in self._models.items() if state.loaded]
 
     def load_reports(self) -> dict[str, dict[str, float]]:
         """Per loaded model: requests running and waiting, and a batching engine's token counters."""
         reports = {}
-        for name, slot in self._slots.items():
-            if not slot.loaded:
+        for name, state in self._models.items():
+            if not state.loaded:
                 continue
-            if slot.shared:
-                reports[name] = dict(slot.instances[0].engine.load_report())
+            if state.shared:
+                reports[name] = dict(state.instances[0].engine.load_report())
             else:
-                busy = len(slot.instances) - slot.free.qsize()
-                reports[name] = {"busy": busy, "queued": max(0, slot.users - busy)}
+                busy = len(state.instances) - state.free.qsize()
+                reports[name] = {"busy": busy, "queued": max(0, state.users - busy)}
         for name, report in self.budget.report().items():
             if name in reports:
                 reports[name].update(report)
@@ -278,54 +278,54 @@ class ModelRegistry:
     @contextlib.asynccontextmanager
     async def acquire(self, name: str) -> AsyncIterator[EngineHandle]:
         """Hold an engine instance of ``name`` for the duration of the block (shared, for a batching one)."""
-        slot = self._slots[self.config(name).name]
-        capacity = slot.parallel + self.settings.queue_size
-        if slot.users >= capacity:
-            raise ServerBusy(f"Model '{slot.cfg.name}' is busy: {slot.users} requests are already "
+        state = self._models[self.config(name).name]
+        capacity = state.parallel + self.settings.queue_size
+        if state.users >= capacity:
+            raise ServerBusy(f"Model '{state.cfg.name}' is busy: {state.users} requests are already "
                              "running or waiting; retry later", retry_after=1)
-        slot.users += 1
+        state.users += 1
         engine = None
         try:
-            await self._ensure_loaded(slot)
-            if slot.shared:
-                if not slot.instances:
-                    raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
-                yield slot.instances[0]
+            await self._ensure_loaded(state)
+            if state.shared:
+                if not state.instances:
+                    raise ModelLoadFailed(f"Model '{state.cfg.name}' was unloaded", param="model")
+                yield state.instances[0]
                 return
-            free = slot.free
+            free = state.free
             engine = await free.get()
             if engine is None:  # unloaded while we waited (only on shutdown): tell the next waiter too
                 free.put_nowait(None)
-                raise ModelLoadFailed(f"Model '{slot.cfg.name}' was unloaded", param="model")
+                raise ModelLoadFailed(f"Model '{state.cfg.name}' was unloaded", param="model")
             yield engine
         finally:
-            slot.users -= 1
-            slot.last_used = time.monotonic()
-            if not slot.users:
-                slot.idle.set()
-            if engine is not None and engine in slot.instances:
-                slot.free.put_nowait(engine)
+            state.users -= 1
+            state.last_used = time.monotonic()
+            if not state.users:
+                state.idle.set()
+            if engine is not None and engine in state.instances:
+                state.free.put_nowait(engine)
 
     async def load(self, name: str) -> None:
-        await self._ensure_loaded(self._slots[self.config(name).name])
+        await self._ensure_loaded(self._models[self.config(name).name])
 
-    async def _ensure_loaded(self, slot: _Slot) -> None:
-        if slot.loaded:
+    async def _ensure_loaded(self, state: _ModelState) -> None:
+        if state.loaded:
             return
-        if slot.loading is None:
-            slot.loading = asyncio.ensure_future(self._load(slot))
-        task = slot.loading
+        if state.loading is None:
+            state.loading = asyncio.ensure_future(self._load(state))
+        task = state.loading
         try:
             await asyncio.shield(task)
         except ModelLoadFailed as exc:
-            slot.load_error = exc.message
+            state.load_error = exc.message
             raise
         finally:
-            if task.done() and slot.loading is task:
-                slot.loading = None  # success or failure: a failed load is retried by the next request
+            if task.done() and state.loading is task:
+                state.loading = None  # success or failure: a failed load is retried by the next request
 
-    async def _load(self, slot: _Slot) -> None:
-        cfg = slot.cfg
+    async def _load(self, state: _ModelState) -> None:
+        cfg = state.cfg
         backend_name = self.backend_name(cfg)
         if cfg.error:
             raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {cfg.error}", param="model")
@@ -336,11 +336,11 @@ class ModelRegistry:
                 "and none can be inferred from its file"
             raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {what} (available: {known})",
                                   param="model")
-        await self._make_room(slot)
+        await self._make_room(state)
         started = time.monotonic()
-        count = 1 if slot.shared else slot.parallel
+        count = 1 if state.shared else state.parallel
         log.info("loading model %s (backend %s, %d instance(s), %d request(s) at once)", cfg.name, backend_name,
-                 count, slot.parallel)
+                 count, state.parallel)
         instances: list[EngineHandle] = []
         try:
             for i in range(count):
@@ -355,12 +355,12 @@ class ModelRegistry:
             raise ModelLoadFailed(f"Model '{cfg.name}' cannot be loaded: {type(exc).__name__}",
                                   param="model") from None
         elapsed = time.monotonic() - started
-        slot.instances = instances
-        slot.free = asyncio.Queue()
+        state.instances = instances
+        state.free = asyncio.Queue()
         for handle in instances:
-            slot.free.put_nowait(handle)
-        slot.last_used = time.monotonic()
-        slot.load_error = None
+            state.free.put_nowait(handle)
+        state.last_used = time.monotonic()
+        state.load_error = None
         log.info("loaded model %s in %.2f s", cfg.name, elapsed)
         if self._metrics:
             self._metrics.model_loads.labels(cfg.name).observe(elapsed)
@@ -381,30 +381,30 @@ class ModelRegistry:
             thread.shutdown(wait=False)
             raise
 
-    async def _make_room(self, slot: _Slot) -> None:
+    async def _make_room(self, state: _ModelState) -> None:
         limit = self.settings.max_loaded_models
         if not limit:
             return
         async with self._evict_lock:
-            others = [s for s in self._slots.values() if s is not slot and (s.loaded or s.loading)]
+            others = [s for s in self._models.values() if s is not state and (s.loaded or s.loading)]
             while len(others) >= limit:
                 idle = [s for s in others if s.loaded and s.users == 0 and not s.pinned]
                 if not idle:
                     raise ServerBusy(f"{limit} model(s) are loaded and all are in use or preloaded; "
-                                     f"cannot load '{slot.cfg.name}' now", retry_after=2)
+                                     f"cannot load '{state.cfg.name}' now", retry_after=2)
                 victim = min(idle, key=lambda s: s.last_used)
                 await self._unload(victim, reason="least recently used")
                 others.remove(victim)
 
-    async def _unload(self, slot: _Slot, reason: str) -> None:
-        instances, slot.instances, free = slot.instances, [], slot.free
-        slot.free = asyncio.Queue()
+    async def _unload(self, state: _ModelState, reason: str) -> None:
+        instances, state.instances, free = state.instances, [], state.free
+        state.free = asyncio.Queue()
         free.put_nowait(None)  # wakes the waiters of the old queue, one after another
         if not instances:
             return
         started = time.monotonic()
         await self._close_all(instances)
-        log.info("unloaded model %s (%s) in %.2f s", slot.cfg.name, reason, time.monotonic() - started)
+        log.info("unloaded model %s (%s) in %.2f s", state.cfg.name, reason, time.monotonic() - started)
         if self._metrics:
             self._metrics.loaded_models.set(len(self.loaded_names()))
 
@@ -422,10 +422,10 @@ class ModelRegistry:
             return []
         now = time.monotonic() if now is None else now
         done = []
-        for slot in list(self._slots.values()):
-            if slot.loaded and slot.users == 0 and not slot.pinned and now - slot.last_used >= timeout:
-                await self._unload(slot, reason=f"idle for {timeout:g} s")
-                done.append(slot.cfg.name)
+        for state in list(self._models.values()):
+            if state.loaded and state.users == 0 and not state.pinned and now - state.last_used >= timeout:
+                await self._unload(state, reason=f"idle for {timeout:g} s")
+                done.append(state.cfg.name)
         return done
 
     async def watchdog(self) -> None:
@@ -441,5 +441,5 @@ class ModelRegistry:
     async def close(self) -> None:
         for task in list(self._retiring):
             await task
-        for slot in self._slots.values():
-            await self._unload(slot, reason="shutdown")
+        for state in self._models.values():
+            await self._unload(state, reason="shutdown")

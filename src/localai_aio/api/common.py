@@ -12,13 +12,13 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema
 from marshmallow import Schema
 
-from localai_aio import keys, openapi
 from localai_aio.config import ModelConfig
 from localai_aio.errors import InvalidRequest, NotImplementedForModel, StorageUnavailable
-from localai_aio.middlewares import EXPECTS_JSON
 from localai_aio.registry import ModelRegistry
 from localai_aio.runtime import run_blocking
-from localai_aio.schemas import body_schema, route_summary
+from localai_aio.server import keys, openapi
+from localai_aio.server.middlewares import EXPECTS_JSON
+from localai_aio.server.schemas import body_schema, route_summary
 from localai_aio.store.base import StoreUnavailable
 from localai_aio.store.blobs import BlobUnavailable
 
@@ -33,9 +33,9 @@ def json_route(method: str, spec_path: str | None, tag: str, *, schema: type[Sch
                responses: dict[str, Any] | None = None) -> Callable[[Handler], Handler]:
     """Document a handler with the seed spec's schema for ``spec_path`` (or ``schema`` for routes the
     seed lacks) and validate its JSON body with it. ``use_case`` makes the documented ``model`` the
-    models that serve it; ``responses`` (``openapi.answers``) documents what comes back.
+    models that serve it; ``responses`` (``server.openapi.answers``) documents what comes back.
 
-    The validated body is in ``request[keys.BODY]`` (``middlewares.body_middleware`` puts it there).
+    The validated body is in ``request[keys.BODY]`` (``server.middlewares.body_middleware`` puts it there).
     """
     body = schema or body_schema(method, spec_path)
     extra: dict[str, Any] = {"responses": responses} if responses else {}
@@ -94,3 +94,14 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def public_base(request: web.Request) -> str:
+    """Where clients reach this server: ``--base-url``, else what a proxy says it forwarded, else the request."""
+    configured = request.app[keys.SETTINGS].base_url
+    if configured:
+        return configured
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    proto = proto if proto in ("http", "https") else request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    return f"{proto}://{host}"

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from localai_aio import keys
 from localai_aio.errors import InvalidRequest, UnsupportedMediaType, body_too_large
+from localai_aio.server import keys
 
 CHUNK = 1 << 16
 MALFORMED = (ValueError, AssertionError, LookupError, HttpProcessingError)

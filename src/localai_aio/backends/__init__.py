@@ -1,5 +1,10 @@
 """Engine backends, one module each, registered by the name a model YAML uses in ``backend:``.
 
+The contracts the layers above rely on live here too: ``base`` (loading, and the engine errors that
+``errors.from_engine`` turns into HTTP answers), ``text`` (``TextEngine``, ``GenParams`` and the token
+stream) and ``families`` (embeddings, rerank, speech, transcription, images). Nothing under
+``backends/`` reads a request or knows an HTTP error.
+
 Modules are imported only when a model that needs them loads, so the server starts (and serves
 the other models) without every engine installed; a missing engine is a clear load error.
 """

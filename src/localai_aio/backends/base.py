@@ -23,13 +23,46 @@ class BackendError(Exception):
     """A backend cannot load or run a model; the message is shown to the client."""
 
 
-class ConstraintError(BackendError):
-    """A request's output constraint cannot be compiled, or no token can continue it. ``param`` names
-    the request field the constraint came from; the request fails, the engine goes on."""
+class RequestRefused(BackendError):
+    """The engine refuses this request, which is no failure of the engine: the request fails, the engine
+    goes on, and the client is told why, ``param`` naming the request field (``errors.from_engine``)."""
 
-    def __init__(self, message: str, param: str = "grammar"):
+    param: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
-        self.param = param
+        if param is not None:
+            self.param = param
+
+
+class ConstraintError(RequestRefused):
+    """A request's output constraint cannot be compiled, or no token can continue it."""
+
+    param = "grammar"
+
+
+class InputRefused(RequestRefused):
+    """The request asks what this model cannot give for its input."""
+
+
+class PromptTooLong(RequestRefused):
+    """A request's tokens do not fit the model's context."""
+
+    param = "messages"
+
+
+class Unsupported(RequestRefused):
+    """The model cannot do what the request asks (a capability it lacks, not a failure)."""
+
+    param = "model"
+
+
+class EngineBusy(BackendError):
+    """The engine has no room for this request now; retrying after ``retry_after`` seconds may succeed."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Engine(Protocol):

@@ -11,7 +11,7 @@ whole vocabulary's mask is computed only when that token is refused, as llama.cp
 (common/sampling.cpp). The result is the same distribution: a token the grammar allows is kept with its
 own probability, and a refused draw is redrawn among the allowed tokens.
 
-Grammars come in llguidance's Lark dialect (what ``tools`` builds, with the request's JSON schemas
+Grammars come in llguidance's Lark dialect (what ``text.tools`` builds, with the request's JSON schemas
 compiled by llguidance's JSON compiler) or as llama.cpp GBNF, the ``grammar`` field LocalAI's users
 write, converted to Lark by llguidance. Compiling is the slow part (milliseconds for a few tools, more for
 large schemas): it happens when a request is checked, off the engine's decode thread, and the compiled

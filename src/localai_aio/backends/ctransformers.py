@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from localai_aio.backends.base import BackendError, context_size_for, require_file, scrub, threads_for
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
-from localai_aio.generation import GenParams, TokenStream, generate_sequentially
+from localai_aio.backends.text import GenParams, TokenStream, generate_sequentially
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings

@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, read_json, require_file
+from localai_aio.backends.base import BackendError, InputRefused, read_json, require_file
 from localai_aio.backends.cpu_features import weights_for
 from localai_aio.backends.onnx_common import make_session
 from localai_aio.backends.whisper_features import FRAMES_PER_SECOND, HOP, N_FRAMES, N_SAMPLES, window_features
 
 if TYPE_CHECKING:
-    from localai_aio.audio import AudioSource
+    from localai_aio.audio.codecs import AudioSource
     from localai_aio.config import ModelConfig, ServerSettings
     from localai_aio.runtime import CancelFlag
 
@@ -64,14 +64,15 @@ SENTENCE_END = ".。!！?？"
 UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 
-class WordTimestampsUnavailable(ValueError):
+class WordTimestampsUnavailable(InputRefused):
     """Word timestamps were asked of a model folder that has no alignment graph."""
 
     def __init__(self, model: str):
         super().__init__(
             f"Model '{model}' cannot time words: its folder has no {ALIGNMENT_FILE} (models exported before word "
             f"timestamps existed lack it). Add it with `localai-aio models install {model}` for a gallery model, "
-            f"or re-export with `localai-aio models export SOURCE --name {model} --task whisper --force`")
+            f"or re-export with `localai-aio models export SOURCE --name {model} --task whisper --force`",
+            param="timestamp_granularities")
 
 
 @dataclass

@@ -10,13 +10,11 @@ import shutil
 import warnings
 from pathlib import Path
 
+from localai_aio.gallery.onnx_tools import ExportError
+
 #: sentence-transformers files that say how to pool and normalize; copied next to the ONNX model.
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                                "1_Pooling/config.json")
-
-
-class ExportError(Exception):
-    pass
 
 
 def _optimum_export(source: Path | str, out: Path, task: str, **options: str) -> None:
@@ -68,31 +66,6 @@ def export_whisper(source: Path | str, out: Path) -> Path:
 
     export_alignment(source, out)
     return out
-
-
-def quantize_int8(folder: Path, names: tuple[str, ...], *, ops: tuple[str, ...] = (), per_channel: bool = False,
-                  suffix: str = "") -> None:
-    """Dynamic int8 quantization of the named ONNX models (weights int8, activations float).
-
-    On CPUs this roughly halves Whisper's decoding time at the same transcripts, as CTranslate2's int8 does.
-    ``ops``: only these operator types (by default ONNX Runtime's choice, convolutions included);
-    ``per_channel``: one scale per output channel; ``suffix``: the int8 model goes next to the float32 one
-    as ``<stem><suffix>.onnx`` (``encoder_model.int8.onnx``) and the float32 one stays, else it is replaced.
-    """
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise ExportError("quantizing needs onnxruntime and onnx: pip install 'localai-aio[export]'") from None
-    for name in names:
-        source = folder / name
-        if not source.is_file():
-            raise ExportError(f"nothing to quantize: {name} is missing")
-        staged = folder / f".{name}.int8"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             op_types_to_quantize=list(ops) or None)
-        staged.replace(source.with_name(source.stem + suffix + source.suffix) if suffix else source)
 
 
 def export_text_to_image(source: Path | str, out: Path) -> Path:

@@ -322,7 +322,8 @@ def hub_problem(exc: BaseException, repo: str, file: str | None) -> str:
 
 def run_step(step: Mapping[str, Any], staged: Path) -> None:
     """One post-processing step on the staged folder (e.g. exporting a model to ONNX)."""
-    from localai_aio.gallery.export import ExportError, export_feature_extraction, export_whisper, quantize_int8
+    from localai_aio.gallery.export import export_feature_extraction, export_whisper
+    from localai_aio.gallery.onnx_tools import ExportError, quantize_int8
 
     if step.get("quantize") == "int8":
         log.info("quantizing %s to int8", step["in"])
@@ -465,7 +466,7 @@ def install(entry: GalleryEntry, models: Path, *, find_links: Sequence[str] = ()
 def _add_alignments(entry: GalleryEntry, models: Path, say: Callable[[str], None]) -> bool:
     """An older install of a Whisper entry lacks only the word-alignment graph: export it from the files
     there instead of installing again. False when that cannot be done (then the entry is reinstalled)."""
-    from localai_aio.gallery.export import ExportError
+    from localai_aio.gallery.onnx_tools import ExportError
     from localai_aio.gallery.whisper_alignment import add_missing_alignments
 
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from localai_aio.backends.onnx_whisper import ALIGNMENT_FILE
 from localai_aio.config import resolve_inside
-from localai_aio.gallery.export import ExportError, quantize_int8
+from localai_aio.gallery.onnx_tools import ExportError, quantize_int8
 
 #: What the graph's output is named; the backend reads it by position, tools by name.
 OUTPUT = "cross_attentions"

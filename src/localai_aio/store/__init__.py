@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from localai_aio.config import ServerSettings
     from localai_aio.store.base import Store
     from localai_aio.store.blobs import BlobStore
 
 
-def open_store(settings: ServerSettings, blobs: BlobStore) -> Store:
-    """The store the settings name: PostgreSQL for ``--database-url``, else SQLite in the config dir."""
-    if settings.database_url:
+def open_store(database_url: str, config_dir: str | Path, blobs: BlobStore) -> Store:
+    """PostgreSQL for a ``database_url`` (``--database-url``), else SQLite in the config dir."""
+    if database_url:
         from localai_aio.store.postgres import PostgresStore
 
-        return PostgresStore(settings.database_url, blobs)
+        return PostgresStore(database_url, blobs)
     from localai_aio.store.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.config_dir, blobs)
+    return SQLiteStore(config_dir, blobs)

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from localai_aio.backends.base import BackendError, context_size_for, require_file, slots_for, threads_for
+from localai_aio.backends.base import (
+    BackendError,
+    Unsupported,
+    context_size_for,
+    require_file,
+    slots_for,
+    threads_for,
+)
 from localai_aio.backends.constraint import Grammars
 from localai_aio.backends.gguf_info import GGUFInfo, read_gguf_info
 from localai_aio.backends.llama_cpp.pooling import Pooling, rank_pooling
@@ -22,8 +29,7 @@ from localai_aio.backends.llama_cpp.prompt_cache import PROMPT_CACHE_MB, PromptC
 from localai_aio.backends.llama_cpp.sampling import Sampling
 from localai_aio.backends.llama_cpp.scheduler import Scheduler
 from localai_aio.backends.llama_cpp.vocabulary import Vocabulary, _install_log_callback
-from localai_aio.errors import NotImplementedForModel
-from localai_aio.generation import EXTRA_SAMPLING, GenParams, TokenStream
+from localai_aio.backends.text import EXTRA_SAMPLING, GenParams, TokenStream
 
 if TYPE_CHECKING:
     from localai_aio.config import ModelConfig, ServerSettings
@@ -194,8 +200,8 @@ class LlamaCppEngine:
 
     def rerank(self, query: str, documents: Sequence[str]) -> list[tuple[float, int]]:
         if not self.ranks:
-            raise NotImplementedForModel(f"Model '{self.name}' does not rerank: it has no rank pooling (a "
-                                         "cross-encoder GGUF needs `pooling: rank` in its config)", param="model")
+            raise Unsupported(f"Model '{self.name}' does not rerank: it has no rank pooling (a "
+                              "cross-encoder GGUF needs `pooling: rank` in its config)", param="model")
         return self.pooling.rerank(query, documents)
 
     def close(self) -> None:

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localai_aio import cpu_budget
-from localai_aio.backends.base import BackendError
+from localai_aio.backends.base import BackendError, PromptTooLong
 from localai_aio.backends.llama_cpp.vocabulary import Vocabulary
-from localai_aio.errors import ContextLengthExceeded
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -107,8 +106,8 @@ class Pooling:
             prompt = re.sub(r"\{query\}|\{document\}", lambda m: fill[m.group(0)], template.decode("utf-8", "replace"))
             tokens = tokenize(prompt, add_bos=False, special=True)
             if len(tokens) > limit:
-                raise ContextLengthExceeded(f"A document and the query take {len(tokens)} tokens; this model "
-                                            f"takes {limit}", param="documents")
+                raise PromptTooLong(f"A document and the query take {len(tokens)} tokens; this model "
+                                    f"takes {limit}", param="documents")
             return tokens
         eos = ll.llama_vocab_eos(vocab)
         eos = eos if eos >= 0 else ll.llama_vocab_sep(vocab)

@@ -19,7 +19,7 @@ import numpy as np
 from localai_aio.backends.base import ConstraintError
 from localai_aio.backends.constraint import Grammars, allowed
 from localai_aio.backends.llama_cpp.vocabulary import Vocabulary
-from localai_aio.generation import GenParams, TokenStep
+from localai_aio.backends.text import GenParams, TokenStep
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from localai_aio import cpu_budget
-from localai_aio.backends.base import BackendError, ConstraintError
+from localai_aio.backends.base import BackendError, ConstraintError, EngineBusy
 from localai_aio.backends.llama_cpp.prompt_cache import MIN_CACHED_TOKENS, PromptCache, common_prefix
 from localai_aio.backends.llama_cpp.sampling import Picker, Sampling
 from localai_aio.backends.llama_cpp.vocabulary import Vocabulary
-from localai_aio.errors import ServerBusy
-from localai_aio.generation import GenParams, SeqEnd, TokenStream, token_budget
+from localai_aio.backends.text import GenParams, SeqEnd, TokenStream, token_budget
 
 #: Token rates in /metrics are averaged over this many seconds.
 RATE_WINDOW = 10.0
@@ -344,7 +343,7 @@ class Scheduler:
         if len(self.active) <= 1:
             return False
         seq = max(self.active, key=lambda s: s.admitted)
-        seq.stream.fail(ServerBusy(f"Model '{self.name}' has no room left in its context cache "
+        seq.stream.fail(EngineBusy(f"Model '{self.name}' has no room left in its context cache "
                                    f"({self.n_ctx} tokens shared by {len(self.active)} requests); retry later",
                                    retry_after=1))
         self._release(seq, keep_cache=False)
