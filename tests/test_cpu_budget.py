@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import write_model_yaml
-from localai_aio import keys
 from localai_aio import cpu_budget
-from localai_aio.cpu_budget import CpuBudget, Priority, cgroup_quota
 from localai_aio.config import ServerSettings
+from localai_aio.cpu_budget import CpuBudget, Priority, cgroup_quota
+from localai_aio.server import keys
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -282,8 +282,9 @@ async def test_real_engines_chat_goes_first_and_the_metrics_move(make_client, tm
     (models / "tiny.gguf").write_bytes(tiny_gguf.read_bytes())
     write_model_yaml(models, "chat", backend="llama-cpp", context_size=256, parameters={"model": "tiny.gguf"})
     write_model_yaml(models, "whisper", backend="onnx-whisper", parameters={"model": "tiny-whisper"})
+    # no share kept for bulk work: with one, the chats would (rightly) pause for the transcription's turns
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=2,
-                                              preload_models=("chat", "whisper")))
+                                              cpu_bulk_share=0.0))
     registry = client.app[keys.REGISTRY]
     await registry.load("chat")
     await registry.load("whisper")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class Priority(str, enum.Enum):
+class Priority(enum.StrEnum):
     INTERACTIVE = "interactive"
     BULK = "bulk"
 

@@ -34,8 +34,8 @@ from typing import Any
 
 from localai_aio.backends import CONCURRENT_BACKENDS, default_priority
 from localai_aio.backends.base import Backend, BackendError, infer_backend
-from localai_aio.cpu_budget import CpuBudget, Priority, usable_cores
 from localai_aio.config import ModelConfig, ServerSettings
+from localai_aio.cpu_budget import CpuBudget, Priority, usable_cores
 from localai_aio.errors import ModelLoadFailed, ModelNotFound, ServerBusy
 from localai_aio.metrics import Metrics
 from localai_aio.runtime import CancelFlag, EngineThread, iterate_in_thread, run_blocking
