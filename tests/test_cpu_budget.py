@@ -195,6 +195,23 @@ def test_bulk_work_gets_its_share_while_conversations_keep_the_cores_busy() -> N
     assert budget._turns == 0  # noqa: SLF001
 
 
+def test_an_engine_that_can_change_its_threads_takes_the_free_cores() -> None:
+    budget = CpuBudget(2, bulk_share=0.0)
+    chat, speech = budget.account("chat", Priority.INTERACTIVE), budget.account("speech", Priority.INTERACTIVE)
+    whisper = budget.account("whisper", Priority.BULK)
+    log: list[str] = []
+    decoder_step = Piece(whisper, 1, log, "whisper decoder step")  # one thread, while nothing else runs
+    assert decoder_step.began.wait(5)
+    with chat.piece(2, least=1) as threads:  # llama.cpp: runs this step on the free core
+        assert threads == 1
+    with speech.piece(2) as threads:  # ONNX Runtime cannot change its pool: it never waits for bulk work
+        assert threads == 2
+    decoder_step.finish()
+    with chat.piece(2, least=1) as threads:
+        assert threads == 2
+    assert chat.delayed == speech.delayed == 0
+
+
 def test_engines_of_one_priority_share_by_time_used() -> None:
     budget = CpuBudget(1, linger=0.0)
     long_account = budget.account("speech", Priority.INTERACTIVE)

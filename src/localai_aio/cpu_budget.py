@@ -8,15 +8,18 @@ went to threads waiting for each other. Here every engine draws its threads from
 
 - Engines run their compute in pieces (one ``llama_decode``, one ONNX Runtime run: a Whisper window, a
   decoder step, a sentence of speech, a micro-batch of embeddings). A piece takes as many cores from the
-  budget as it runs threads, and waits while they are not free, so the cores never hold more busy threads
+  budget as it runs threads, and waits while they are not free, so the cores hold no more busy threads
   than they have.
+- llama.cpp can change its thread count between two decodes, so its pieces ask for every core but start
+  with as few as one (``least``): a chat step beside a one-thread Whisper decoder step runs on the other
+  core instead of waiting for it or crowding it.
 - Interactive pieces (a conversation waiting for its next token, speech a client is playing) go before bulk
-  ones (a long transcription, a large embeddings batch, an image). Bulk pieces start freely once no
-  interactive piece has run for ``linger`` seconds; the threads of bulk engines run at the lowest OS
-  priority, so a bulk piece already running when a conversation arrives gives its cores up at once and
-  finishes on what is left. While conversations keep the cores busy, bulk work still gets ``bulk_share`` of
-  the core time (over the last ``SHARE_WINDOW`` seconds): it then takes a turn, a piece that conversations
-  wait for, so a server busy with chats still finishes its transcriptions.
+  ones (a long transcription, a large embeddings batch, an image), and never wait for them: a bulk piece
+  already running when a conversation arrives keeps its cores until it ends (pieces are short), and the
+  conversation takes what is free, or shares a core for that one piece. Bulk pieces start freely once no
+  interactive piece has run for ``linger`` seconds. While conversations keep the cores busy, bulk work still
+  gets ``bulk_share`` of the core time (over the last ``SHARE_WINDOW`` seconds): it then takes a turn, a
+  piece that conversations wait for, so a server busy with chats still finishes its transcriptions.
 - Between engines of one priority the cores go to whoever has used the least core time so far (each
   engine's virtual time, as Linux's CFS does for threads), so a 12 ms decode step and a 300 ms sentence of
   speech each get half the machine, not one turn each.
@@ -48,8 +51,6 @@ class Priority(enum.StrEnum):
 
 
 POLICIES = ("interactive-first", "fair", "off")
-#: The niceness of bulk engines' threads (and of the threads their native pools start).
-BULK_NICENESS = 19
 #: Seconds over which ``Account.share`` is measured.
 SHARE_WINDOW = 10.0
 
@@ -118,9 +119,9 @@ class Account:
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
 
     @contextlib.contextmanager
-    def piece(self, threads: int) -> Iterator[None]:
-        with self.budget.piece(self, threads):
-            yield
+    def piece(self, threads: int, least: int | None = None) -> Iterator[int]:
+        with self.budget.piece(self, threads, least) as granted:
+            yield granted
 
     def share(self, now: float | None = None) -> float:
         """This engine's part of the core time every engine used over the last ``SHARE_WINDOW`` seconds."""
@@ -130,7 +131,8 @@ class Account:
 @dataclass(eq=False)
 class _Waiter:
     account: Account
-    cores: int
+    cores: int  # wanted
+    least: int  # enough to start with (an engine that can change its thread count per piece asks for fewer)
     seq: int
 
 
@@ -169,56 +171,74 @@ class CpuBudget:
             return list(self._accounts.values())
 
     @contextlib.contextmanager
-    def piece(self, account: Account, threads: int) -> Iterator[None]:
+    def piece(self, account: Account, threads: int, least: int | None = None) -> Iterator[int]:
+        """Hold cores for one piece of ``account``'s work: ``threads`` of them, or as few as ``least`` when no
+        more are free. Yields the number granted, which the engine runs its threads at."""
+        wanted = max(1, min(threads, self.cores))
         if self.policy == "off":
             start = self._clock()
             try:
-                yield
+                yield wanted
             finally:
                 with self._cond:
-                    self._done(account, min(threads, self.cores), start, 0.0)
+                    self._done(account, wanted, start, 0.0)
             return
-        cores = max(1, min(threads, self.cores))
         asked = self._clock()
         with self._cond:
-            waiter = _Waiter(account, cores, next(self._seq))
+            waiter = _Waiter(account, wanted, min(wanted, max(1, least or wanted)), next(self._seq))
             account.vtime = max(account.vtime, self._floor)  # an engine back from idling starts level
             self._waiting.append(waiter)
             try:
-                if not self._may_start(waiter):
+                granted = self._grant(waiter)
+                if not granted:
                     account.delayed += 1
-                    while not self._may_start(waiter):
+                    while not granted:
                         self._cond.wait(self._until_bulk_may_start(waiter))
+                        granted = self._grant(waiter)
             finally:
                 self._waiting.remove(waiter)
             turn = account.priority is Priority.BULK and not self._interactive_quiet()
             self._turns += turn
-            self._held[account.priority] += cores
+            self._held[account.priority] += granted
             self._floor = account.vtime
             start = self._clock()
         try:
-            yield
+            yield granted
         finally:
             with self._cond:
                 self._turns -= turn
-                self._held[account.priority] -= cores
+                self._held[account.priority] -= granted
                 if account.priority is Priority.INTERACTIVE:
                     self._interactive_until = self._clock() + self.linger
-                self._done(account, cores, start, start - asked)
+                self._done(account, granted, start, start - asked)
                 self._cond.notify_all()
 
-    def _may_start(self, waiter: _Waiter) -> bool:
+    def _grant(self, waiter: _Waiter) -> int:
+        """The cores ``waiter`` may start with now, 0 while it must wait."""
         priority = waiter.account.priority
-        held = self._held[Priority.INTERACTIVE] + self._held[Priority.BULK]
+        free = self.cores - self._held[Priority.INTERACTIVE] - self._held[Priority.BULK]
         if self.policy != "interactive-first":  # fair: one queue, by time used
-            return self._first(waiter, self._waiting) and self._fits(waiter, held)
+            return self._fits(waiter, free) if self._first(waiter, self._waiting) else 0
         if not self._first(waiter, [w for w in self._waiting if w.account.priority is priority]):
-            return False
-        if priority is Priority.INTERACTIVE:  # bulk work's threads yield to it, except for a bulk turn
-            return not self._turns and not self._turn_due() and self._fits(waiter, self._held[Priority.INTERACTIVE])
-        if not self._fits(waiter, held):
-            return False
-        return self._interactive_quiet() or self._bulk_share() < self.bulk_share
+            return 0
+        if priority is Priority.INTERACTIVE:
+            if self._turns or self._turn_due():
+                return 0
+            if not self._fits(waiter, self.cores - self._held[Priority.INTERACTIVE]):
+                return 0
+            # A bulk piece still running keeps its cores until it ends; a conversation takes what is free,
+            # and never waits for bulk work: at worst it shares a core with it for one piece.
+            return max(waiter.least, min(waiter.cores, free))
+        if not (self._interactive_quiet() or self._bulk_share() < self.bulk_share):
+            return 0
+        return self._fits(waiter, free)
+
+    def _fits(self, waiter: _Waiter, free: int) -> int:
+        """As many of the cores it wants as are ``free``, if that is at least its ``least``; all it wants when
+        nothing else runs."""
+        if free >= self.cores:
+            return waiter.cores
+        return min(waiter.cores, free) if free >= waiter.least else 0
 
     def _turn_due(self) -> bool:
         """Bulk work waits, none runs, and it has had less than its share: interactive pieces stop starting
@@ -229,9 +249,6 @@ class CpuBudget:
 
     def _first(self, waiter: _Waiter, waiters: list[_Waiter]) -> bool:
         return min(waiters, key=lambda w: (w.account.vtime, w.seq)) is waiter
-
-    def _fits(self, waiter: _Waiter, held: int) -> bool:
-        return held == 0 or held + waiter.cores <= self.cores
 
     def _interactive_quiet(self) -> bool:
         """No interactive piece runs, waits or ran within the linger."""
@@ -288,13 +305,8 @@ _bound = threading.local()
 
 
 def bind(account: Account | None) -> None:
-    """Make ``account`` the one the calling thread's pieces are charged to (an engine's own thread), and give
-    a bulk engine's thread the lowest OS priority: native pools started from it (ONNX Runtime's, llama.cpp's
-    OpenMP team) inherit it."""
+    """Make ``account`` the one the calling thread's pieces are charged to (an engine's own thread)."""
     _bound.account = account
-    if account is not None and account.priority is Priority.BULK and account.budget.policy == "interactive-first":
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICENESS)
 
 
 def bound() -> Account | None:
@@ -302,12 +314,12 @@ def bound() -> Account | None:
 
 
 @contextlib.contextmanager
-def piece(threads: int) -> Iterator[None]:
-    """A piece of compute on ``threads`` threads, run when the calling engine's account may (at once when
-    the thread has none)."""
+def piece(threads: int, least: int | None = None) -> Iterator[int]:
+    """A piece of compute on ``threads`` threads (or as few as ``least``), run when the calling engine's account
+    may, at once when the thread has none. Yields the threads to run it at."""
     account = bound()
     if account is None:
-        yield
+        yield threads
         return
-    with account.piece(threads):
-        yield
+    with account.piece(threads, least) as granted:
+        yield granted

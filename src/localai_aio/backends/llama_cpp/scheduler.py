@@ -96,7 +96,7 @@ class Scheduler:
     def __init__(self, ll: Any, ctx: Any, mem: Any, vocabulary: Vocabulary, sampling: Sampling, cache: PromptCache,
                  *, slots: int, n_ctx: int, n_batch: int, name: str, threads: int = 1):
         self._ll, self._ctx, self._mem = ll, ctx, mem
-        self._threads = threads
+        self._threads = self._running_threads = threads
         self._vocabulary = vocabulary
         self._sampling = sampling
         self._cache = cache
@@ -217,7 +217,10 @@ class Scheduler:
                 batch.logits[n] = n == part.row
                 n += 1
         batch.n_tokens = n
-        with cpu_budget.piece(self._threads):
+        with cpu_budget.piece(self._threads, least=1) as threads:
+            if threads != self._running_threads:  # as many as the CPU budget lends this step
+                self._ll.llama_set_n_threads(self._ctx, threads, threads)
+                self._running_threads = threads
             code = self._ll.llama_decode(self._ctx, batch)
         if code == 0:
             for seq, tokens, from_prompt, _ in plan:
