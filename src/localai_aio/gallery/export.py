@@ -6,13 +6,7 @@ optimum, optimum-onnx); serving the exported folder needs only onnxruntime and t
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
 import shutil
-import threading
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from localai_aio.gallery.onnx_tools import ExportError, quiet_tool_chain
