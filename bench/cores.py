@@ -12,6 +12,11 @@ traffic first:
 
     python bench/cores.py [--models-path ~/.cache/localai-aio/models] [--seconds 30]
         [--pairs chat+transcription,...] [--sections matrix,interactive] [--server-flag=--threads=1 ...]
+        [--baseline-flag=--cpu-policy=off]
+
+With ``--baseline-flag`` (default: ``--cpu-policy=off``, every engine running its threads at will, as before
+the CPU budget) a second server with that flag is measured first in the same run, as the baseline the
+default server's figures are printed beside; ``--baseline-flag=`` skips it.
 
 A pair is measured so that every request counted overlaps the other engine's work: both keep sending until
 each has finished one request past the deadline. Timings are printed, never asserted.
@@ -187,6 +192,8 @@ def main() -> int:
     parser.add_argument("--sections", default="matrix,interactive")
     parser.add_argument("--server-flag", action="append", default=[], help="extra flag for the server")
     parser.add_argument("--url", help="measure this running server instead of starting one")
+    parser.add_argument("--baseline-flag", default="--cpu-policy=off",
+                        help="flag of a baseline server measured first in the same run ('' for none)")
     args = parser.parse_args()
     pairs = [tuple(p.split("+")) for p in args.pairs.split(",") if p]
     sections = set(args.sections.split(","))
@@ -203,9 +210,12 @@ def main() -> int:
 
     if args.url:
         run(args.url)
-    else:
+        return 0
+    runs = ([("baseline", [args.baseline_flag])] if args.baseline_flag else []) + [("default settings", [])]
+    for label, extra in runs:
+        print(f"\n== {label}: {' '.join(args.server_flag + extra) or 'no extra flags'}", flush=True)
         with server(args.models_path, "--preload-models", f"{CHAT},{WHISPER},{VOICE},{EMBED}",
-                    *args.server_flag) as (url, _):
+                    *args.server_flag, *extra) as (url, _):
             run(url)
     return 0
 

@@ -26,6 +26,7 @@ export LOCALAI_TEST_MODELS_PATH="${LOCALAI_TEST_MODELS_PATH:-$CACHE_DIR/models}"
 .tox/py311/bin/python -m localai_aio models install --defaults --models-path "$LOCALAI_TEST_MODELS_PATH"
 
 if [ "$#" -eq 0 ]; then
-    set -- -e py311,lint
+    # the step above has just installed this tree into py311: no second build of the package
+    set -- -e py311,lint --skip-pkg-install
 fi
 exec "$TOOLS/bin/tox" "$@"

@@ -120,6 +120,7 @@ class ServerProcess:
         self.log_path: Path | None = None
 
     def start(self, log_path: Path, timeout: float = 60.0) -> ServerProcess:
+        import urllib.error
         import urllib.request
 
         self.log_path = log_path
@@ -129,10 +130,14 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {log_path.read_text()}")
-            with contextlib.suppress(OSError):
+            try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
                     if resp.status == 200:
                         return self
+            except urllib.error.HTTPError as not_ready:  # 503 while models load: its connection is still open
+                not_ready.close()
+            except OSError:
+                pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not become ready: {log_path.read_text()}")

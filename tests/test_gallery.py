@@ -187,3 +187,28 @@ async def test_defaults_install_and_every_alias_answers(make_client, tmp_path: P
     form.add_field("model", "whisper-1")
     resp = await client.post("/v1/audio/transcriptions", data=form)
     assert resp.status == 200 and "hi" in (await resp.json())["text"].lower()
+
+
+def test_the_tool_chains_output_is_quiet_only_around_an_export(caplog: pytest.LogCaptureFixture) -> None:
+    """What optimum reports as errors and what onnxruntime's quantizer advises on the root logger is dropped
+    while an export runs on this thread; another thread's records, and everything after, still pass."""
+    import logging
+    import threading
+    import warnings
+
+    from localai_aio.gallery.onnx_tools import quiet_tool_chain
+
+    optimum = logging.getLogger("optimum.exporters.onnx.convert")  # "-[x] values not close enough" is an error
+    level = logging.getLogger("optimum").level
+    with caplog.at_level(logging.INFO):
+        with quiet_tool_chain():
+            assert not optimum.isEnabledFor(logging.CRITICAL)
+            logging.getLogger().warning("Please consider to run pre-processing before quantization")
+            warnings.warn("tracing chatter", UserWarning, stacklevel=1)  # the test run would fail on it
+            other = threading.Thread(target=lambda: logging.getLogger().warning("another thread's record"))
+            other.start()
+            other.join()
+        logging.getLogger().warning("after the export")
+    assert [record.getMessage() for record in caplog.records] == ["another thread's record", "after the export"]
+    assert logging.getLogger("optimum").level == level and optimum.isEnabledFor(logging.ERROR)
+    assert not logging.getLogger().filters

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -58,8 +59,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):  # noqa: 
 
 
 @pytest.fixture
-def claude(server: ServerProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+def claude(server: ServerProcess) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120) as api:
+        yield api  # closed: a pooled connection left to the garbage collector fails a later test
 
 
 @pytest.fixture

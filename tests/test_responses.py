@@ -35,12 +35,17 @@ def models(tmp_path: Path, tiny_gguf: Path) -> Path:
 @pytest.fixture
 def serve(server_process, models: Path, tmp_path: Path):  # noqa: ANN001, ANN201
     """Start a server on the same data directory each time (a restart keeps what was stored)."""
+    clients: list[openai.OpenAI] = []
+
     def start():  # noqa: ANN202
         server = server_process("--models-path", str(models), "--config-dir", str(tmp_path / "data"),
                                 "--threads", "1")
-        return server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        clients.append(openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0))
+        return server, clients[-1]
 
-    return start
+    yield start
+    for client in clients:  # a pooled connection left to the garbage collector fails a later test
+        client.close()
 
 
 def test_create_retrieve_list_delete(serve) -> None:  # noqa: ANN001

@@ -6,11 +6,23 @@ the residual stream, so the logits depend only on the current token, and the out
 token to a chosen successor (``SUCCESSORS``). After the ChatML prompt ends with "\\n" the model says
 " Hello world! Hello world! ..." until ``max_tokens``; after " bye" it ends with the end token.
 Both llama-cpp-python and ctransformers load it.
+
+The models exported with torch and optimum (``export_tiny_*``) take seconds to minutes each, so they are
+built once into a cache (``$LOCALAI_TEST_CACHE``, else ``~/.cache/localai-aio/tiny-models``) under a key that
+hashes this file, the project's exporter, the options and the tool chain's versions, and copied from there;
+any change to what makes them builds them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
 import warnings
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +146,57 @@ def write_tiny_gguf(path: str | Path, *, bpe: bool = False, chat_template: str |
     return path
 
 
+# -- the cache of exported models --------------------------------------------------------------------------
+
+#: The distributions whose versions can change what an export writes.
+TOOL_CHAIN = ("torch", "transformers", "optimum", "optimum-onnx", "diffusers", "onnx", "onnxruntime",
+              "onnxruntime-gpu", "tokenizers", "numpy")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOCALAI_TEST_CACHE") or Path.home() / ".cache" / "localai-aio" / "tiny-models")
+
+
+def cache_key(name: str, options: dict[str, object]) -> str:
+    """What the model is made from: this file, the project's exporter, the options and the versions."""
+    import localai_aio.gallery.export as exporter
+
+    digest = hashlib.sha256()
+    sources = [Path(__file__)] + sorted(Path(exporter.__file__).parent.glob("*.py"))
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    versions = []
+    for dist in TOOL_CHAIN:
+        try:
+            versions.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}: none")
+    digest.update(repr((name, sorted(options.items()), sys.version_info[:2], versions)).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached(name: str, build: Callable[..., object], folder: str | Path, **options: object) -> Path:
+    """``build(folder, **options)`` through the cache: built once into a temporary folder beside the entry and
+    renamed into place (so concurrent test runs never see half an entry; the loser of a race drops its
+    copy), then copied into ``folder``."""
+    folder = Path(folder)
+    entry = cache_root() / f"{name}-{cache_key(name, options)}"
+    if not entry.is_dir():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            build(staging / "model", **options)
+            try:
+                os.rename(staging / "model", entry)
+            except OSError:
+                if not entry.is_dir():  # not another run's finished entry: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(entry, folder, dirs_exist_ok=True)
+    return folder
+
+
 # -- ONNX embedding models ---------------------------------------------------------------------------------
 
 EMBED_WORDS = ["the", "cat", "kitten", "car", "dog", "hello", "world", "a", "small", "big"]
@@ -196,7 +259,12 @@ def write_standin_embedder(folder: str | Path, *, dim: int = 8, max_length: int 
 
 
 def export_tiny_bert(folder: str | Path) -> Path:
-    """A random 2-layer BERT saved with transformers and exported to ONNX by optimum (needs the export extra)."""
+    """A random 2-layer BERT saved with transformers (``folder/source``) and exported to ONNX by optimum
+    (``folder/onnx``; needs the export extra), from the cache."""
+    return cached("bert", _export_tiny_bert, folder)
+
+
+def _export_tiny_bert(folder: Path) -> Path:
     from optimum.exporters.onnx import main_export
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -304,7 +372,12 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def export_tiny_stable_diffusion(folder: str | Path) -> Path:
-    """A random Stable Diffusion pipeline built from small configs and exported by optimum (text-to-image)."""
+    """A random Stable Diffusion pipeline built from small configs and exported by optimum (text-to-image),
+    from the cache: the ONNX pipeline folder."""
+    return cached("stable-diffusion", _export_tiny_stable_diffusion, folder) / "onnx"
+
+
+def _export_tiny_stable_diffusion(folder: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from optimum.exporters.onnx import main_export
@@ -396,23 +469,33 @@ def save_tiny_whisper(folder: Path) -> Path:
 
 
 def export_tiny_whisper(folder: str | Path) -> Path:
-    """The tiny Whisper exported by the project's own exporter (encoder, decoder, decoder with past)."""
+    """The tiny Whisper exported by the project's own exporter (encoder, decoder, decoder with past), from the
+    cache: the ONNX folder."""
+    return cached("whisper", _export_tiny_whisper, folder) / "onnx"
+
+
+def _export_tiny_whisper(folder: Path) -> Path:
     from localai_aio.gallery.export import export_whisper
 
-    folder = Path(folder)
     source = save_tiny_whisper(folder / "source")
     return export_whisper(source, folder / "onnx")
 
 
 def export_tiny_whisper_alignment(folder: str | Path, heads: list[list[int]] | None = None) -> tuple[Path, Path]:
     """The tiny Whisper saved with ``heads`` as its ``alignment_heads`` (none: the exporter's fallback, every
-    head of the last half of the layers), and only its word-alignment graph exported. Returns (transformers
-    folder, graph)."""
+    head of the last half of the layers), and only its word-alignment graph exported, from the cache. Returns
+    (transformers folder, graph)."""
+    from localai_aio.backends.onnx_whisper import ALIGNMENT_FILE
+
+    folder = cached("whisper-alignment", _export_tiny_whisper_alignment, folder, heads=heads)
+    return folder / "source", folder / "onnx" / ALIGNMENT_FILE
+
+
+def _export_tiny_whisper_alignment(folder: Path, heads: list[list[int]] | None) -> tuple[Path, Path]:
     import json
 
     from localai_aio.gallery.whisper_alignment import export_alignment
 
-    folder = Path(folder)
     source = save_tiny_whisper(folder / "source")
     if heads is not None:
         path = source / "generation_config.json"
@@ -445,11 +528,15 @@ def save_tiny_cross_encoder(folder: str | Path, *, num_labels: int = 1, scale: f
 
 
 def export_tiny_cross_encoder(folder: str | Path, *, num_labels: int = 1, scale: float = 1000.0) -> tuple[Path, Path]:
-    """The tiny cross-encoder exported by the project's own exporter (text-classification). Returns
-    (transformers folder, ONNX folder)."""
+    """The tiny cross-encoder exported by the project's own exporter (text-classification), from the cache.
+    Returns (transformers folder, ONNX folder)."""
+    folder = cached("cross-encoder", _export_tiny_cross_encoder, folder, num_labels=num_labels, scale=scale)
+    return folder / "source", folder / "onnx"
+
+
+def _export_tiny_cross_encoder(folder: Path, *, num_labels: int, scale: float) -> tuple[Path, Path]:
     from localai_aio.gallery.export import export_text_classification
 
-    folder = Path(folder)
     source = save_tiny_cross_encoder(folder / "source", num_labels=num_labels, scale=scale)
     return source, export_text_classification(source, folder / "onnx")
 

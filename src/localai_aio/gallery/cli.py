@@ -46,19 +46,6 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_third_parties() -> None:
-    """An install imports exporters (transformers, optimum, torch) that warn about things the user
-    cannot act on; ``--verbose`` shows them."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "optimum", "torch", "accelerate", "onnxruntime", "diffusers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _install(args: argparse.Namespace) -> int:
     from localai_aio.gallery.install import InstallError, NotFromGallery, install
 
@@ -67,8 +54,10 @@ def _install(args: argparse.Namespace) -> int:
     if not names:
         print("nothing to install: name gallery entries or pass --defaults", file=sys.stderr)
         return 2
-    if not args.verbose:
-        _quiet_third_parties()
+    if args.verbose:
+        from localai_aio.gallery import onnx_tools
+
+        onnx_tools.SHOW_TOOL_CHAIN = True
     for name in dict.fromkeys(names):
         try:
             entry = _entry(gallery, name)

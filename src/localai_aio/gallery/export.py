@@ -7,10 +7,9 @@ optimum, optimum-onnx); serving the exported folder needs only onnxruntime and t
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
-from localai_aio.gallery.onnx_tools import ExportError
+from localai_aio.gallery.onnx_tools import ExportError, quiet_tool_chain
 
 #: sentence-transformers files that say how to pool and normalize; copied next to the ONNX model.
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
@@ -19,15 +18,15 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 
 def _optimum_export(source: Path | str, out: Path, task: str, **options: str) -> None:
     try:
-        from optimum.exporters.onnx import main_export
+        with quiet_tool_chain("optimum.exporters.onnx:main_export"):
+            from optimum.exporters.onnx import main_export
+
+            try:
+                main_export(str(source), output=str(out), task=task, device="cpu", **options)
+            except Exception as exc:  # optimum raises many kinds; the message is what matters
+                raise ExportError(f"optimum could not export {source}: {exc}") from None
     except ImportError:
         raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export]'") from None
-    with warnings.catch_warnings():  # torch's and transformers' deprecation chatter during tracing
-        warnings.simplefilter("ignore")
-        try:
-            main_export(str(source), output=str(out), task=task, device="cpu", **options)
-        except Exception as exc:  # optimum raises many kinds; the message is what matters
-            raise ExportError(f"optimum could not export {source}: {exc}") from None
 
 
 def export_feature_extraction(source: Path | str, out: Path) -> Path:

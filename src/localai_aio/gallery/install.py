@@ -350,8 +350,11 @@ def run_step(step: Mapping[str, Any], staged: Path) -> None:
             from localai_aio.gallery.ct2_whisper import ConversionError, convert
 
             log.info("converting the CTranslate2 Whisper checkpoint %s to transformers", step["from"])
+            from localai_aio.gallery.onnx_tools import quiet_tool_chain
+
             try:
-                convert(source, target)
+                with quiet_tool_chain():  # transformers' and torch's own remarks while the checkpoint is saved
+                    convert(source, target)
             except (ConversionError, KeyError, ValueError) as exc:
                 raise InstallError(f"could not convert {step['from']}: {exc}") from None
         else:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from localai_aio.backends.onnx_whisper import ALIGNMENT_FILE
 from localai_aio.config import resolve_inside
-from localai_aio.gallery.onnx_tools import ExportError, quantize_int8
+from localai_aio.gallery.onnx_tools import ExportError, quantize_int8, quiet_tool_chain
 
 #: What the graph's output is named; the backend reads it by position, tools by name.
 OUTPUT = "cross_attentions"
@@ -86,8 +85,7 @@ def export_alignment(source: Path | str, out: Path) -> Path:
         from transformers import WhisperForConditionalGeneration
     except ImportError:
         raise ExportError("exporting needs the export tool chain: pip install 'localai-aio[export]'") from None
-    with warnings.catch_warnings():  # torch's and transformers' tracing chatter
-        warnings.simplefilter("ignore")
+    with quiet_tool_chain():  # torch's and transformers' tracing chatter
         try:
             model = WhisperForConditionalGeneration.from_pretrained(source, attn_implementation="eager").eval()
         except (OSError, ValueError) as exc:
