@@ -49,9 +49,11 @@ def make_session(path: Path, cfg: ModelConfig, settings: ServerSettings, *, spin
     options.log_severity_level = 3
     # ORT's worker threads spin while idle by default. For short runs that many requests share (embeddings)
     # the event loop and other models need those cores, so idle workers sleep; long chains of small ops
-    # (a VITS voice) lose more to waking threads, so those backends keep spinning. YAML `spinning` decides.
+    # (a VITS voice) lose more to waking threads, so those backends spin when they have the machine to
+    # themselves. Under the CPU budget the next piece on these cores is often another engine's, which a
+    # spinning pool would crowd, so nobody spins. YAML `spinning` decides over both.
     spin = cfg.option("spinning")
-    spin = spinning if spin is None else bool(spin)
+    spin = (spinning and settings.cpu_policy == "off") if spin is None else bool(spin)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = ort.InferenceSession(model if model is not None else str(path), sess_options=options,
