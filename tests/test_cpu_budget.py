@@ -351,3 +351,36 @@ async def test_real_engines_chat_goes_first_and_the_metrics_move(make_client, tm
     assert values["localai_model_cpu_wait_seconds_total", "whisper"] > 0
     share = values["localai_model_cpu_share", "chat"] + values["localai_model_cpu_share", "whisper"]
     assert share == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")),
+                    reason="needs onnx and onnxruntime")
+@pytest.mark.parametrize(("policy", "yaml", "spins"), [("interactive-first", None, "0"), ("off", None, "1"),
+                                                       ("interactive-first", True, "1")])
+def test_onnx_pools_spin_only_when_an_engine_has_the_cores_to_itself(tmp_path: Path, policy: str,
+                                                                      yaml: bool | None, spins: str) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from localai_aio.backends.onnx_common import make_session
+    from localai_aio.config import ModelConfig
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # one every onnxruntime release here reads
+    onnx.save(model, str(path))
+    cfg = ModelConfig(name="relu", backend="piper", model_path=path, extra={} if yaml is None else {"spinning": yaml})
+    session = make_session(path, cfg, ServerSettings(threads=2, cpu_policy=policy), spinning=True)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == spins
+    budget = CpuBudget(2)
+    account = budget.account("relu", Priority.INTERACTIVE)
+    cpu_budget.bind(account)
+    try:
+        assert session.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist() == [0.0, 2.0]
+    finally:
+        cpu_budget.bind(None)
+    assert account.pieces == 1  # every run is a piece of work on the budget
