@@ -17,6 +17,10 @@ import ollama
 import pytest
 
 from conftest import DEFAULT_MODELS, ServerProcess, default_model_configs, write_model_yaml
+from localai_aio.api.chat_jobs import ArgumentsDelta, CallStart, TurnEnd
+from localai_aio.api.ollama.generation import Reply, chat_messages
+from localai_aio.api.ollama.shared import Clock
+from localai_aio.api.text_jobs import Prepared
 from localai_aio.config import ServerSettings
 from test_embeddings import reference
 from test_gallery import PAYLOAD, build_wheel, write_gallery
@@ -39,6 +43,8 @@ def write_models(models: Path, gguf: Path) -> tuple[Path, np.ndarray]:
     (models / "t.gguf").write_bytes(gguf.read_bytes())
     write_model_yaml(models, "tiny", backend="llama-cpp", context_size=1024, parameters={"model": "t.gguf"},
                      aliases=["tiny-alias"])
+    (models / "small.Q8_0.gguf").write_bytes(gguf.read_bytes())
+    write_model_yaml(models, "quant", backend="llama-cpp", context_size=256, parameters={"model": "small.Q8_0.gguf"})
     opening = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
     write_tiny_gguf(models / "think.gguf", chat_template=opening)
     write_model_yaml(models, "thinker", backend="llama-cpp", context_size=512, parameters={"model": "think.gguf"})
@@ -163,6 +169,12 @@ def test_generate_raw(client: ollama.Client) -> None:
     assert raw.context is None
 
 
+def test_generate_suffix_needs_fill_in_the_middle_tokens(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model="tiny", prompt="def f(", suffix="return 1")
+    assert refused.value.status_code == 400 and "fill-in-the-middle" in refused.value.error
+
+
 def test_empty_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client) -> None:
     unloaded = client.generate(model="thinker", keep_alive=0)
     assert unloaded.done and unloaded.done_reason == "unload"
@@ -198,8 +210,8 @@ def test_embed(client: ollama.Client, server: ServerProcess) -> None:
 
 def test_list_show_ps_version(client: ollama.Client, server: ServerProcess) -> None:
     listed = {m.model: m for m in client.list().models}
-    assert set(listed) == {"tiny:latest", "tiny-alias:latest", "thinker:latest", "plain:latest",
-                           "emb:latest"}
+    assert set(listed) == {"tiny:latest", "tiny-alias:latest", "quant:latest", "thinker:latest",
+                           "plain:latest", "emb:latest"}
     tiny = listed["tiny:latest"]
     assert tiny.size == (server.models / "t.gguf").stat().st_size and len(tiny.digest) == 64
     assert tiny.details.format == "gguf" and tiny.details.family == "llama"
@@ -208,6 +220,8 @@ def test_list_show_ps_version(client: ollama.Client, server: ServerProcess) -> N
     assert "<|im_start|>" in shown.template and shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["general.parameter_count"] > 0 and shown.modelfile.startswith("# Modelfile of tiny")
     assert client.show("emb").capabilities == ["embedding"]
+    quant = client.show("quant:q8_0")  # the quantization its file name says is a tag too
+    assert quant.details.quantization_level == "Q8_0" and listed["quant:latest"].details.quantization_level == "Q8_0"
     client.chat(model="tiny", messages=HI, options=GREEDY)
     running = {m.model: m for m in client.ps().models}
     assert running["tiny:latest"].size == tiny.size and running["tiny:latest"].context_length == 1024
@@ -234,6 +248,41 @@ def test_errors_in_ollamas_shape(client: ollama.Client) -> None:
     lines = http.post("/api/chat", json={"model": "tiny", "messages": HI, "options": GREEDY})
     assert lines.headers["content-type"] == "application/x-ndjson"
     assert [json.loads(line)["done"] for line in lines.text.splitlines()] == [False] * 5 + [True]
+
+
+def test_metrics_count_the_routes(client: ollama.Client, server: ServerProcess) -> None:
+    client.chat(model="tiny", messages=HI, options=GREEDY)
+    metrics = client._client.get("/metrics").text  # noqa: SLF001
+    assert 'localai_http_requests_total{method="POST",route="/api/chat",status="200"}' in metrics
+    assert 'localai_generated_tokens_total{model="tiny"}' in metrics
+
+
+def test_tool_calls_in_ollamas_shape() -> None:
+    """A turn with a call, as the chat code says it, shaped as Ollama's chunks and answer (which the
+    official client reads back)."""
+    reply = Reply("m", "message", None, Clock())
+    assert reply.step(Prepared(7, [0], [0])) == []
+    events = [CallStart("call_1", "get_weather"), ArgumentsDelta('{"location": "Bos'), ArgumentsDelta('ton"}'),
+              TurnEnd("tool_calls", 12)]
+    chunks = [chunk for event in events for chunk in reply.step(event)]
+    call = {"function": {"name": "get_weather", "arguments": {"location": "Boston"}}}
+    assert len(chunks) == 1 and chunks[0]["message"] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    whole = reply.last(True)
+    assert whole["message"]["tool_calls"] == [call] and whole["done_reason"] == "stop"
+    assert (whole["prompt_eval_count"], whole["eval_count"]) == (7, 12)
+    parsed = ollama.ChatResponse.model_validate(whole)
+    assert parsed.message.tool_calls[0].function.arguments == {"location": "Boston"}
+
+
+def test_tool_results_answer_their_calls() -> None:
+    history = [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "a", "arguments": {"x": 1}}}, {"function": {"name": "b", "arguments": {}}}]},
+        {"role": "tool", "content": "B", "tool_name": "b"}, {"role": "tool", "content": "A"}]
+    shaped = chat_messages(history)
+    assert shaped[0]["tool_calls"][0] == {"id": "call_0_0", "type": "function",
+                                          "function": {"name": "a", "arguments": '{"x": 1}'}}
+    assert [(m["tool_call_id"], m["name"], m["content"]) for m in shaped[1:]] == [("call_0_1", "b", "B"),
+                                                                                 ("call_0_0", "a", "A")]
 
 
 async def test_keys_and_admin_routes(make_client, tmp_path: Path, tiny_gguf: Path) -> None:  # noqa: ANN001
