@@ -285,6 +285,20 @@ def test_tool_results_answer_their_calls() -> None:
                                                                                  ("call_0_0", "a", "A")]
 
 
+def test_langchain_ollama_classes(server: ServerProcess) -> None:
+    """LangChain's ``ChatOllama`` and ``OllamaEmbeddings``, unchanged, against this server."""
+    langchain_ollama = pytest.importorskip("langchain_ollama")
+    chat = langchain_ollama.ChatOllama(model="tiny", base_url=server.url, temperature=0, num_predict=5)
+    answer = chat.invoke("hi")
+    assert answer.content == " Hello world! Hello world"
+    assert answer.usage_metadata["output_tokens"] == 5
+    assert "".join(chunk.content for chunk in chat.stream("hi")) == " Hello world! Hello world"
+    embeddings = langchain_ollama.OllamaEmbeddings(model="emb", base_url=server.url)
+    texts = ["the cat", "a dog barks"]
+    for vector, text in zip(embeddings.embed_documents(texts), texts, strict=True):
+        np.testing.assert_allclose(vector, reference(server.models, server.table, text), rtol=1e-5, atol=1e-6)
+
+
 async def test_keys_and_admin_routes(make_client, tmp_path: Path, tiny_gguf: Path) -> None:  # noqa: ANN001
     models, _ = write_models(tmp_path / "models", tiny_gguf)
     client = await make_client(ServerSettings(models_path=str(models), config_dir=str(tmp_path / "d"), threads=1,
