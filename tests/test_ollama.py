@@ -218,7 +218,8 @@ def test_list_show_ps_version(client: ollama.Client, server: ServerProcess) -> N
     shown = client.show("tiny")
     assert shown.details.family == "llama" and shown.capabilities == ["completion"]
     assert "<|im_start|>" in shown.template and shown.modelinfo["general.architecture"] == "llama"
-    assert shown.modelinfo["general.parameter_count"] > 0 and shown.modelfile.startswith("# Modelfile of tiny")
+    assert shown.modelinfo["general.parameter_count"] > 0
+    assert shown.modelfile == "# Modelfile of tiny, as this server serves it\nFROM t.gguf"
     assert client.show("emb").capabilities == ["embedding"]
     quant = client.show("quant:q8_0")  # the quantization its file name says is a tag too
     assert quant.details.quantization_level == "Q8_0" and listed["quant:latest"].details.quantization_level == "Q8_0"
@@ -240,6 +241,9 @@ def test_errors_in_ollamas_shape(client: ollama.Client) -> None:
     http = client._client  # noqa: SLF001
     bad = http.post("/api/chat", json={"model": "tiny", "messages": HI, "options": {"temperature": 9}})
     assert bad.status_code == 400 and set(bad.json()) == {"error"} and "temperature" in bad.json()["error"]
+    images = http.post("/api/generate", json={"model": "tiny", "prompt": "hi", "images": ["aGk="]})
+    assert images.status_code == 400
+    assert images.json() == {"error": "'images': this server's chat models take no images"}
     no_model = http.post("/api/generate", json={"prompt": "hi"})
     assert no_model.status_code == 400 and set(no_model.json()) == {"error"}
     for path in ("/api/create", "/api/copy", "/api/push"):

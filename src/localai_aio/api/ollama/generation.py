@@ -277,6 +277,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     think = _think(body.get("think"))
     if not body.get("prompt") and not body.get("suffix"):
         return await _load_only(request, cfg, "response")
+    if body.get("images"):
+        raise InvalidRequest("'images': this server's chat models take no images", param="images")
     if body.get("template"):
         raise InvalidRequest("'template' is not supported: the model's own chat template is used (send "
                              "\"raw\": true with a prompt you formatted yourself)", param="template")

@@ -161,7 +161,8 @@ async def show(request: web.Request) -> web.Response:
     if "chat" in uses and "tools" in template:
         capabilities.append("tools")
     parameters = _parameters(cfg)
-    modelfile = "\n".join([f"# Modelfile of {cfg.name}, as this server serves it", f"FROM {cfg.model_path}",
+    source = cfg.model_path.name if cfg.model_path else cfg.name  # the file's name: not where it is kept
+    modelfile = "\n".join([f"# Modelfile of {cfg.name}, as this server serves it", f"FROM {source}",
                            *(f"PARAMETER {line}" for line in parameters.splitlines()),
                            *([f'SYSTEM """{cfg.system_prompt}"""'] if cfg.system_prompt else [])])
     return web.json_response({"modelfile": modelfile, "parameters": parameters, "template": template,
