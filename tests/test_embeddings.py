@@ -267,7 +267,7 @@ async def test_default_minilm_matches_sentence_transformers(make_client, tmp_pat
 
 
 async def test_batcher_runs_up_to_concurrency_batches_and_bounds_what_waits() -> None:
-    from localai_aio.api.openai.embedding_batches import MicroBatcher
+    from localai_aio.api.embedding_batches import MicroBatcher
     from localai_aio.errors import ServerBusy
 
     running = peak = 0

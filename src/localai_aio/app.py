@@ -17,9 +17,13 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec
 
 from localai_aio import __version__
+from localai_aio.api import gallery_installs
 from localai_aio.api.anthropic import messages
 from localai_aio.api.elevenlabs import text_to_speech
 from localai_aio.api.localai import gallery_jobs, health, rerank, tokenize, tts, ui
+from localai_aio.api.ollama import embed as ollama_embed
+from localai_aio.api.ollama import generation as ollama_generation
+from localai_aio.api.ollama import models as ollama_models
 from localai_aio.api.openai import (
     assistants,
     chat,
@@ -51,7 +55,8 @@ from localai_aio.store.blobs import BlobUnavailable
 log = logging.getLogger(__name__)
 
 API_MODULES = (health, models, chat, completions, responses, messages, tokenize, embeddings, rerank, speech, tts,
-               text_to_speech, transcription, images, assistants, files, gallery_jobs, ui)
+               text_to_speech, transcription, images, assistants, files, gallery_jobs, ui, ollama_generation,
+               ollama_embed, ollama_models)
 
 
 def _check_config_dir(path: Path) -> None:
@@ -159,7 +164,7 @@ def create_app(settings: ServerSettings, *, model_configs: Mapping[str, ModelCon
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(live_reload_ctx)
     app.cleanup_ctx.append(ui.assets_ctx)
-    app.cleanup_ctx.append(gallery_jobs.installs_ctx)  # ends before the registry: stops installs
+    app.cleanup_ctx.append(gallery_installs.installs_ctx)  # ends before the registry: stops installs
     app.cleanup_ctx.append(responses.background_ctx)  # ends first: background responses still use the rest
     for module in API_MODULES:
         app.router.add_routes(module.routes)

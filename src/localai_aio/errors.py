@@ -2,7 +2,7 @@
 
 Handlers raise these; engines raise their own (``backends.base``) and never see these. Nothing else
 builds error bodies, so every route answers ``{"error": {"message", "type", "param", "code"}}`` with the
-right status; Anthropic's and ElevenLabs' routes answer their own shapes (``body_for``). The middleware
+right status; Anthropic's, ElevenLabs' and Ollama's routes answer their own shapes (``body_for``). The middleware
 that renders them is ``server.error_responses``.
 """
 
@@ -46,6 +46,8 @@ class APIError(Exception):
         if dialect == "anthropic":
             kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
             return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if dialect == "ollama":
+            return {"error": self.message}
         if dialect == "elevenlabs":
             return {"detail": {"status": self.code or self.type, "message": self.message, "param": self.param}}
         return self.body()

@@ -415,6 +415,14 @@ class ModelRegistry:
             except Exception:
                 log.exception("closing an engine failed")
 
+    async def unload(self, name: str) -> bool:
+        """Unload ``name`` now if no request holds it and it is not preloaded; whether it was unloaded."""
+        state = self._models[self.config(name).name]
+        if not state.loaded or state.users or state.pinned:
+            return False
+        await self._unload(state, reason="asked to")
+        return True
+
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload models unused for ``idle_timeout`` seconds; returns their names."""
         timeout = self.settings.idle_timeout

@@ -289,6 +289,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ThinkingDelta:
+    """Reasoning text (only from ``turn_events(..., thinking=True)``)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class CallStart:
     call_id: str
     name: str
@@ -306,14 +313,14 @@ class TurnEnd:
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
 
 
-TurnEvent = TextDelta | CallStart | ArgumentsDelta | TurnEnd
+TurnEvent = TextDelta | ThinkingDelta | CallStart | ArgumentsDelta | TurnEnd
 
 
-async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: str
+async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: str, *, thinking: bool = False
                       ) -> AsyncIterator[Prepared | TurnEvent]:
     """A one-choice chat generation: ``Prepared`` first, then text, tool calls and the end, decided by
-    the same ``ChatFormat`` that shapes chat completions, so every protocol sees the same turn. Close
-    it (``contextlib.aclosing``) to stop the generation."""
+    the same ``ChatFormat`` that shapes chat completions, so every protocol sees the same turn; with
+    ``thinking``, the reasoning text too. Close it (``contextlib.aclosing``) to stop the generation."""
     fmt = ChatFormat(plan, job)
     async with generation(app, job, task) as (prepared, events):
         yield prepared
@@ -323,7 +330,9 @@ async def turn_events(app: web.Application, job: TextJob, plan: ToolPlan, task: 
             else:
                 chunks = fmt.finish_chunks(event.index, event.reason)
             for chunk in chunks:
-                delta = chunk["delta"]  # reasoning_content is not part of these protocols' answer text
+                delta = chunk["delta"]  # reasoning_content is not part of the answer text
+                if thinking and delta.get("reasoning_content"):
+                    yield ThinkingDelta(delta["reasoning_content"])
                 if delta.get("content"):
                     yield TextDelta(delta["content"])
                 for call in delta.get("tool_calls", ()):

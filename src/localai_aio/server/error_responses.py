@@ -3,7 +3,8 @@
 Every route answers OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with the right status;
 Anthropic's Messages API routes (``/v1/messages...``) answer Anthropic's ``{"type": "error", "error":
 {"type", "message"}}`` and ElevenLabs' routes (``/v1/text-to-speech...``, ``/v1/voices``) its
-``{"detail": {"status", "message"}}`` instead, since their clients read only that. Engines' errors
+``{"detail": {"status", "message"}}`` and Ollama's (``/api/...``) its ``{"error": "..."}`` instead, since
+their clients read only that. Engines' errors
 become API errors through ``errors.from_engine``; anything else is logged with the request id and
 answered as a 500 that leaks nothing.
 """
@@ -33,7 +34,8 @@ from localai_aio.server import keys
 log = logging.getLogger(__name__)
 
 #: Routes whose errors are in another API's shape, by that API: the path itself or anything below it.
-DIALECTS = {"/v1/messages": "anthropic", "/v1/text-to-speech": "elevenlabs", "/v1/voices": "elevenlabs"}
+DIALECTS = {"/v1/messages": "anthropic", "/v1/text-to-speech": "elevenlabs", "/v1/voices": "elevenlabs",
+            "/api": "ollama"}
 
 
 def dialect_of(request: web.Request) -> str:

@@ -136,6 +136,17 @@ _ANTHROPIC_PROMPT = {
     "tool_choice": {"description": "{\"type\": auto | any | tool | none}; tool names the tool"},
 }
 
+_OLLAMA_COMMON = {
+    "model": {"type": "string", "description": "A model, an alias, or either with a tag (name:latest)"},
+    "stream": {"type": "boolean", "description": "NDJSON, one object a line (default true)"},
+    "format": {"description": "\"json\", or a JSON schema the answer follows"},
+    "options": {"type": "object", "description": "Sampling: temperature, top_k, top_p, min_p, seed, num_predict, "
+                                                 "stop, repeat_penalty, presence_penalty, frequency_penalty, "
+                                                 "mirostat, mirostat_tau, mirostat_eta, typical_p, repeat_last_n"},
+    "keep_alive": {"description": "0 unloads the model after this request; other values are accepted"},
+    "think": {"description": "true, false, \"low\", \"medium\" or \"high\": the reasoning in `thinking`"},
+}
+
 # Untyped or mistyped properties of the spec, by "definition.property" or by property name: what real
 # clients send there.
 FIELD_OVERRIDES: dict[str, Any] = {
@@ -164,6 +175,15 @@ FIELD_OVERRIDES: dict[str, Any] = {
     "anthropic.MessagesRequest.temperature": lambda: StrictFloat(validate=validate.Range(0, 1)),
     "anthropic.MessagesRequest.top_p": lambda: StrictFloat(validate=validate.Range(0, 1)),
     "anthropic.MessagesRequest.top_k": lambda: StrictInteger(validate=validate.Range(min=0)),
+    # Ollama's: a prompt and a message's content are one string; format is "json" or a JSON schema
+    "ollama.GenerateRequest.prompt": fields.String,
+    "ollama.EmbeddingsRequest.prompt": fields.String,
+    "ollama.Message.content": fields.String,
+    **{f"ollama.{body}.format": lambda: OneOfTypes(str, dict, shapes={str: {"enum": ["json"]}})
+       for body in ("ChatRequest", "GenerateRequest")},
+    **{f"ollama.{body}.keep_alive": lambda: OneOfTypes(str, int, float)
+       for body in ("ChatRequest", "GenerateRequest", "EmbedRequest", "EmbeddingsRequest")},
+    "ollama.ChatRequest.messages": lambda: fields.List(fields.Nested(lambda: definition_schema("ollama.Message")())),
     "openai.ResponsesRequest.truncation": lambda: fields.String(
         validate=validate.OneOf(["disabled", "auto"], error="'auto' or 'disabled'")),
 }
@@ -279,6 +299,44 @@ EXTRA_DEFINITIONS: dict[str, Any] = {
     },
     "anthropic.CountTokensRequest": {"type": "object", "required": ["model", "messages"],
                                      "properties": _ANTHROPIC_PROMPT},
+    # Ollama's API (api/ollama/): the options' values are checked where they become sampling parameters
+    "ollama.Message": {
+        "type": "object", "required": ["role"],
+        "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+                       "content": {"type": "string"}, "thinking": {"type": "string"},
+                       "images": {"type": "array", "items": {"type": "string"}},
+                       "tool_calls": {"type": "array", "items": {"type": "object"}},
+                       "tool_name": {"type": "string"}},
+    },
+    "ollama.ChatRequest": {
+        "type": "object", "required": ["model"],
+        "properties": {**_OLLAMA_COMMON,
+                       "messages": {"type": "array", "items": {"$ref": "#/definitions/ollama.Message"}},
+                       "tools": {"type": "array", "items": {"type": "object"}}},
+    },
+    "ollama.GenerateRequest": {
+        "type": "object", "required": ["model"],
+        "properties": {**_OLLAMA_COMMON, "prompt": {"type": "string"}, "suffix": {"type": "string"},
+                       "system": {"type": "string"}, "template": {"type": "string"}, "raw": {"type": "boolean"},
+                       "images": {"type": "array", "items": {"type": "string"}},
+                       "context": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    },
+    "ollama.EmbedRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {"model": {"type": "string"}, "input": {"description": "A string or a list of strings"},
+                       "truncate": {"type": "boolean"}, "dimensions": {"type": "integer", "minimum": 1},
+                       "options": {"type": "object"}, "keep_alive": _OLLAMA_COMMON["keep_alive"]},
+    },
+    "ollama.EmbeddingsRequest": {
+        "type": "object", "required": ["model", "prompt"],
+        "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "options": {"type": "object"},
+                       "keep_alive": _OLLAMA_COMMON["keep_alive"]},
+    },
+    "ollama.ModelRequest": {  # show, pull, delete: "model" (older clients send "name")
+        "type": "object",
+        "properties": {"model": {"type": "string"}, "name": {"type": "string"}, "verbose": {"type": "boolean"},
+                       "insecure": {"type": "boolean"}, "stream": {"type": "boolean"}},
+    },
 }
 
 # Required fields per (method, path); overrides the definition's own ``required``.

@@ -1,5 +1,6 @@
 """Server-Sent Events exactly as the clients read them: ``data: {json}\\n\\n`` ... ``data: [DONE]`` for chat and
-completions, named events (``event: <type>``) for the Responses and Messages APIs."""
+completions, named events (``event: <type>``) for the Responses and Messages APIs; and newline-delimited
+JSON (``LineStream``) for Ollama's API."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ class EventStream:
         await self.send(body)
         await self.response.write_eof()
         return self.response
+
+
+class LineStream(EventStream):
+    """Newline-delimited JSON (``application/x-ndjson``): one object a line, as Ollama streams; the
+    stream ends with its last object (``close``), an error with ``{"error": ...}`` (``fail``)."""
+
+    def __init__(self, request: web.Request, write_timeout: float | None = None):
+        super().__init__(request, write_timeout)
+        self.response.headers["Content-Type"] = "application/x-ndjson"
+
+    async def send(self, payload: Any, event: str | None = None) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        await write_or_drop(self.request, self.response, f"{data}\n".encode(), self.write_timeout)
 
 
 def ending(stream: EventStream, exc: BaseException, what: str) -> APIError | None:

@@ -18,7 +18,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localai_aio.errors import InvalidRequest
+from localai_aio.backends.text import TextEngine
+from localai_aio.errors import InvalidRequest, NotImplementedForModel
 
 NAMED_FORMATS: dict[str, str] = {
     "chatml": (
@@ -165,3 +166,23 @@ def render_completion(template_cfg: Mapping[str, Any], prompt: str) -> str:
         return compile_template(source).render(prompt=prompt, input=prompt)
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"The model's completion template failed: {exc}", param="prompt") from None
+
+
+#: Fill-in-the-middle control tokens (prefix, suffix, middle) that models store in their vocabulary.
+FIM_TOKENS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"),
+)
+
+
+def fill_in_middle(engine: TextEngine, prefix: str, suffix: str) -> list[int]:
+    """The prompt that asks the model for the text between ``prefix`` and ``suffix``, in its own
+    fill-in-the-middle tokens."""
+    specials = engine.info.special_tokens
+    for pre, suf, mid in FIM_TOKENS:
+        if pre in specials and suf in specials and mid in specials:
+            return ([specials[pre]] + engine.tokenize(prefix, add_bos=False, special=False)
+                    + [specials[suf]] + engine.tokenize(suffix, add_bos=False, special=False) + [specials[mid]])
+    raise NotImplementedForModel("This model has no fill-in-the-middle tokens, so 'suffix' cannot be used",
+                                 param="suffix")

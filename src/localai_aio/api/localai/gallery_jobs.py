@@ -23,13 +23,9 @@ Why it works this way:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import threading
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +33,31 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from localai_aio.api.common import public_base
-from localai_aio.config import conf_file
-from localai_aio.errors import APIError, Conflict, InternalError, InvalidRequest, NotFound
+from localai_aio.api.gallery_installs import (
+    InstallFailed,
+    Installs,
+    check_install_target,
+    enabled,
+    install_entry,
+    read_gallery,
+)
+from localai_aio.errors import InvalidRequest, NotFound
 from localai_aio.gallery.install import (
     Gallery,
     GalleryEntry,
-    InstallError,
-    NotFromGallery,
-    check_target,
-    install,
     is_installed,
-    load_gallery,
 )
-from localai_aio.runtime import EngineThread, run_blocking
+from localai_aio.runtime import run_blocking
 from localai_aio.server import keys
 from localai_aio.server.access import admin_only
-from localai_aio.server.live_reload import reload_models
 from localai_aio.server.middlewares import EXPECTS_JSON
 from localai_aio.server.openapi import answers
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-#: Finished jobs kept for ``GET /models/jobs``; the oldest finished ones go first.
-KEPT_JOBS = 100
 #: LocalAI's other ways to name what to install; this server installs its own gallery's entries only.
 UNSUPPORTED = ("url", "config_url", "overrides", "files")
-
-
-class GalleryDisabled(APIError):
-    status = 403
-    type = "permission_error"
-    code = "gallery_api_disabled"
-
-
-class InstallStopped(Exception):
-    """Raised inside the install thread at its next step once the server is stopping."""
 
 
 @dataclass
@@ -97,86 +82,20 @@ class Job:
                 "progress": self.progress, "message": self.message, "error": self.error, "deletion": False}
 
 
-@dataclass
-class Installs:
-    """The app's install jobs, the lock that runs them one at a time and the thread they run on."""
-
-    thread: EngineThread
-    jobs: dict[str, Job] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-    def add(self, job: Job) -> None:
-        finished = [key for key, old in self.jobs.items() if old.processed]
-        for key in finished[:max(0, len(self.jobs) + 1 - KEPT_JOBS)]:
-            del self.jobs[key]
-        self.jobs[job.id] = job
-
-
-async def installs_ctx(app: web.Application) -> AsyncIterator[None]:
-    installs = Installs(EngineThread("localai-gallery-install"))
-    app[keys.GALLERY_INSTALLS] = installs
-    yield
-    installs.stopping.set()
-    for task in list(installs.tasks):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    installs.thread.shutdown(wait=False)
-
-
-def gallery_path() -> Path:
-    """The gallery ``models install`` reads: ``LOCALAI_GALLERY``, else ``conf/gallery.yaml`` (see ``conf_file``)."""
-    return Path(os.environ.get("LOCALAI_GALLERY") or conf_file("gallery.yaml"))
-
-
-def _enabled(request: web.Request) -> Installs:
-    if request.app[keys.SETTINGS].disable_gallery_api:
-        raise GalleryDisabled("The gallery API is turned off on this server (--disable-gallery-api); install "
-                              "models with `localai-aio models install NAME` where the server runs")
-    return request.app[keys.GALLERY_INSTALLS]
-
-
-async def _gallery(request: web.Request) -> Gallery:
-    try:
-        return await run_blocking(request.app[keys.EXECUTOR], load_gallery, gallery_path())
-    except InstallError as exc:
-        log.error("%s", exc)
-        raise InternalError("The model gallery cannot be read; the server log says why") from None
-
-
 async def _run(app: web.Application, installs: Installs, job: Job, entry: GalleryEntry, overwrite: bool) -> None:
-    loop = asyncio.get_running_loop()
     counter = iter(range(1, 1 << 30))
 
-    def report(what: str) -> None:  # on the install thread, as each step starts
-        if installs.stopping.is_set():
-            raise InstallStopped
-        loop.call_soon_threadsafe(job.step, what, next(counter))
-
-    async with installs.lock:
-        job.message = "starting"
-        log.info("installing %s from the gallery (job %s)", entry.name, job.id)
-        models = Path(app[keys.SETTINGS].models_path)
-        try:
-            fresh = await run_blocking(installs.thread, install, entry, models, overwrite=overwrite, report=report)
-        except InstallError as exc:
-            job.finish("failed", f"install of {entry.name} failed: {exc} (nothing was written)")
-        except InstallStopped:
-            job.finish("failed", "the server stopped during the install (nothing was written)")
-        except Exception as exc:  # noqa: BLE001 - the job reports it; the server carries on
-            log.exception("install of %s failed (job %s)", entry.name, job.id)
-            job.finish("failed", f"install of {entry.name} failed: {type(exc).__name__}: {exc}")
+    def step(what: str, counted: bool) -> None:
+        if counted:
+            job.step(what, next(counter))
         else:
-            job.message, job.progress = "reading the models directory again", 99.0
-            _, problems = await reload_models(app, f"install of {entry.name}")
-            served = entry.name in app[keys.REGISTRY].names()
-            if served:
-                job.finish(f"{entry.name} {'installed' if fresh else 'was already installed'}; it is served now")
-            else:
-                job.finish("failed", f"{entry.name} was installed but is not served: "
-                                     + ("; ".join(problems) or "its YAML was not found"))
+            job.message = what
+            job.progress = 99.0 if what.startswith("reading") else job.progress
+
+    try:
+        job.finish(await install_entry(app, installs, entry, overwrite, step))
+    except InstallFailed as exc:
+        job.finish("failed", str(exc))
     log.info("gallery job %s (%s): %s", job.id, entry.name, job.error or job.message)
 
 
@@ -190,7 +109,7 @@ async def apply(request: web.Request) -> web.Response:
     Not in /swagger.json: a document cannot say which ids the gallery has without naming real entries,
     and then every client generated from it (and the fuzzing tests) would start real downloads.
     """
-    installs = _enabled(request)
+    installs = enabled(request)
     body = request[keys.BODY]  # body_middleware has read it and checked it is a JSON object (EXPECTS_JSON)
     for key in UNSUPPORTED:
         if body.get(key) not in (None, "", [], {}):
@@ -207,10 +126,10 @@ async def apply(request: web.Request) -> web.Response:
         raise InvalidRequest("'overwrite' must be a boolean: true replaces a model of the same name that the "
                              "gallery did not install", param="overwrite")
     name = wanted.strip().rpartition("@")[2]  # LocalAI's ids are gallery@name
-    entry = (await _gallery(request)).entries.get(name)
+    entry = (await read_gallery(request)).entries.get(name)
     if entry is None:
         raise NotFound(f"'{name}' is not in the gallery (GET /models/available lists its entries)", param="id")
-    await _check_target(request, entry, overwrite)  # said now, not in a job; the install checks again
+    await check_install_target(request, entry, overwrite)  # said now, not in a job; the install checks again
     job = Job(str(uuid.uuid4()), entry.name, steps=len(entry.files) + len(entry.post))
     installs.add(job)
     task = asyncio.ensure_future(_run(request.app, installs, job, entry, overwrite))
@@ -222,22 +141,12 @@ async def apply(request: web.Request) -> web.Response:
 setattr(apply, EXPECTS_JSON, True)
 
 
-async def _check_target(request: web.Request, entry: GalleryEntry, overwrite: bool) -> None:
-    models = Path(request.app[keys.SETTINGS].models_path)
-    try:
-        await run_blocking(request.app[keys.EXECUTOR], check_target, entry, models, overwrite=overwrite)
-    except NotFromGallery as exc:
-        raise Conflict(f"{exc}; send \"overwrite\": true to replace it", param="overwrite") from None
-    except InstallError as exc:  # a name that cannot be a model's (".", a path)
-        raise InvalidRequest(str(exc), param="id") from None
-
-
 @routes.get("/models/jobs/{uuid}")
 @admin_only
 @docs(tags=["models"], summary="An install job's progress: `processed`, `progress` (0-100), `message`, `error`.",
       responses=answers())
 async def job_status(request: web.Request) -> web.Response:
-    job = _enabled(request).jobs.get(request.match_info["uuid"])
+    job = enabled(request).jobs.get(request.match_info["uuid"])
     if job is None:
         raise NotFound(f"No install job {request.match_info['uuid']!r}", param="uuid")
     return web.json_response(job.status())
@@ -247,7 +156,7 @@ async def job_status(request: web.Request) -> web.Response:
 @admin_only
 @docs(tags=["models"], summary="Every install job this server has run, by uuid.", responses=answers())
 async def jobs(request: web.Request) -> web.Response:
-    return web.json_response({key: job.status() for key, job in _enabled(request).jobs.items()})
+    return web.json_response({key: job.status() for key, job in enabled(request).jobs.items()})
 
 
 def _entry_row(entry: GalleryEntry, gallery: Gallery, models: Path) -> dict[str, Any]:
@@ -262,8 +171,8 @@ def _entry_row(entry: GalleryEntry, gallery: Gallery, models: Path) -> dict[str,
 @docs(tags=["models"], summary="The gallery's entries (LocalAI's route), with whether each is installed.",
       responses=answers())
 async def available(request: web.Request) -> web.Response:
-    _enabled(request)
-    gallery = await _gallery(request)
+    enabled(request)
+    gallery = await read_gallery(request)
     models = Path(request.app[keys.SETTINGS].models_path)
 
     def rows() -> list[dict[str, Any]]:

@@ -12,25 +12,17 @@ from localai_aio.api.common import json_route, new_id, now, registry, resolve_mo
 from localai_aio.api.sampling import parse_n, parse_params
 from localai_aio.api.text_jobs import TextJob, serve_text, stream_options
 from localai_aio.backends.text import TextEngine
-from localai_aio.errors import InvalidRequest, NotImplementedForModel
+from localai_aio.errors import InvalidRequest
 from localai_aio.server import keys
 from localai_aio.server.openapi import answers
 from localai_aio.text.choices import TokenLogprob
 from localai_aio.text.engine_fit import tokenize_prompt
-from localai_aio.text.prompts import render_completion
+from localai_aio.text.prompts import fill_in_middle, render_completion
 from localai_aio.text.tools import plan_tools
 
 routes = web.RouteTableDef()
 MAX_LOGPROBS = 5
 MAX_PROMPTS = 64
-
-#: Fill-in-the-middle control tokens (prefix, suffix, middle) that models store in their vocabulary.
-FIM_TOKENS = (
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-    ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"),
-)
-
 
 class CompletionFormat:
     object_name = "text_completion"
@@ -95,16 +87,6 @@ def _logprobs(body: dict[str, Any]) -> int | None:
     return value
 
 
-def _fim_ids(engine: TextEngine, prefix: str, suffix: str) -> list[int]:
-    specials = engine.info.special_tokens
-    for pre, suf, mid in FIM_TOKENS:
-        if pre in specials and suf in specials and mid in specials:
-            return ([specials[pre]] + engine.tokenize(prefix, add_bos=False, special=False)
-                    + [specials[suf]] + engine.tokenize(suffix, add_bos=False, special=False) + [specials[mid]])
-    raise NotImplementedForModel("This model has no fill-in-the-middle tokens, so 'suffix' cannot be used",
-                                 param="suffix")
-
-
 def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
     cfg = resolve_model(request, body.get("model"), "completion")
     prompts = _prompts(body.get("prompt"))
@@ -133,7 +115,7 @@ def build_completion_job(request: web.Request, body: dict[str, Any]) -> TextJob:
                                          f"vocabulary of {engine.n_vocab}", param=f"prompt.{i}")
                 out.append(list(prompt))
             elif suffix:
-                out.append(_fim_ids(engine, prompt, suffix))
+                out.append(fill_in_middle(engine, prompt, suffix))
             else:
                 out.append(tokenize_prompt(engine, render_completion(cfg.template, prompt), add_bos=True, special=True))
             if echo:

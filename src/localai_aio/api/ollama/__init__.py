@@ -1,0 +1,1 @@
+"""Ollama's API (``/api/...``), translated to the same chat, text and embedding jobs as OpenAI's routes."""
