@@ -207,6 +207,7 @@ def test_an_engine_that_can_change_its_threads_takes_the_free_cores() -> None:
     with speech.piece(2) as threads:  # ONNX Runtime cannot change its pool: it never waits for bulk work
         assert threads == 2
     decoder_step.finish()
+    time.sleep(2 * cpu_budget.GRACE)  # (the speech engine, behind on core time, is no longer owed the next turn)
     with chat.piece(2, least=1) as threads:
         assert threads == 2
     assert chat.delayed == speech.delayed == 0
@@ -217,7 +218,8 @@ def test_engines_of_one_priority_share_by_time_used() -> None:
     long_account = budget.account("speech", Priority.INTERACTIVE)
     short_account = budget.account("chat", Priority.INTERACTIVE)
     long_account.vtime = short_account.vtime = 0.0
-    long_account.vtime += 0.3  # one 300 ms sentence already ran
+    long_account.vtime += 0.3  # one 300 ms sentence just ran
+    long_account.last_active = time.monotonic()
     log: list[str] = []
     holder = Piece(short_account, 1, log, "hold")
     assert holder.began.wait(5)
@@ -231,6 +233,28 @@ def test_engines_of_one_priority_share_by_time_used() -> None:
     step.finish()
     sentence.finish()
     assert log == ["hold", "step", "sentence"]
+
+
+def test_an_engine_between_two_steps_keeps_its_turn() -> None:
+    """Pieces cannot be preempted: a chat whose 8 ms steps leave a gap of a millisecond between them still
+    gets its half of the cores beside 100 ms sentences of speech."""
+    budget = CpuBudget(2)
+    chat, speech = budget.account("chat", Priority.INTERACTIVE), budget.account("speech", Priority.INTERACTIVE)
+    chat.vtime = 100.0  # the chat ran alone for a long time before: not held against it
+    stop = time.monotonic() + 2.0
+
+    def steps(account: cpu_budget.Account, seconds: float) -> None:
+        while time.monotonic() < stop:
+            with account.piece(2, least=1):
+                time.sleep(seconds)
+            time.sleep(0.0005)
+
+    threads = [threading.Thread(target=steps, args=(chat, 0.008)), threading.Thread(target=steps, args=(speech, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0.35 < chat.busy / (chat.busy + speech.busy) < 0.65, (chat.busy, speech.busy)
 
 
 def test_fair_policy_has_no_priorities_and_off_has_no_budget() -> None:

@@ -51,6 +51,12 @@ class Priority(enum.StrEnum):
 
 
 POLICIES = ("interactive-first", "fair", "off")
+#: Seconds without a piece after which an engine counts as idle (see ``CpuBudget._level``).
+IDLE = 0.5
+#: Seconds a piece waits for an engine of its priority that has used less core time and has just finished a
+#: piece: it is between two steps (sampling a token) and about to ask again. Pieces cannot be preempted, so
+#: without this the one that happens to wait when the cores free up would always win.
+GRACE = 0.003
 #: Seconds over which ``Account.share`` is measured.
 SHARE_WINDOW = 10.0
 
@@ -116,6 +122,8 @@ class Account:
     pieces: int = 0
     delayed: int = 0  # pieces that had to wait
     vtime: float = 0.0  # core-seconds, for the fair choice between engines of one priority
+    running: int = 0  # its pieces running now
+    last_active: float = -math.inf  # when its last piece ended
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
 
     @contextlib.contextmanager
@@ -156,7 +164,6 @@ class CpuBudget:
         self._waiting: list[_Waiter] = []
         self._seq = itertools.count()
         self._interactive_until = -math.inf  # bulk waits until then (the last interactive piece + linger)
-        self._floor = 0.0  # the virtual time of the last piece granted
         self._accounts: dict[str, Account] = {}
 
     def account(self, name: str, priority: Priority) -> Account:
@@ -186,7 +193,7 @@ class CpuBudget:
         asked = self._clock()
         with self._cond:
             waiter = _Waiter(account, wanted, min(wanted, max(1, least or wanted)), next(self._seq))
-            account.vtime = max(account.vtime, self._floor)  # an engine back from idling starts level
+            self._level(account, asked)
             self._waiting.append(waiter)
             try:
                 granted = self._grant(waiter)
@@ -200,7 +207,7 @@ class CpuBudget:
             turn = account.priority is Priority.BULK and not self._interactive_quiet()
             self._turns += turn
             self._held[account.priority] += granted
-            self._floor = account.vtime
+            account.running += 1
             start = self._clock()
         try:
             yield granted
@@ -208,18 +215,33 @@ class CpuBudget:
             with self._cond:
                 self._turns -= turn
                 self._held[account.priority] -= granted
+                account.running -= 1
+                account.last_active = self._clock()
                 if account.priority is Priority.INTERACTIVE:
                     self._interactive_until = self._clock() + self.linger
                 self._done(account, granted, start, start - asked)
                 self._cond.notify_all()
+
+    def _level(self, account: Account, now: float) -> None:
+        """An engine back from idling starts level with the least advanced of the engines busy now (as CFS
+        does with a task that wakes): the core time it did not use while idle is not owed to it, and the time
+        it used long ago is not held against it."""
+        if account.running or now - account.last_active < IDLE:
+            return
+        busy = [a.vtime for a in self._accounts.values() if a is not account and a.running] + \
+               [w.account.vtime for w in self._waiting if w.account is not account]
+        if busy:
+            account.vtime = min(busy)
 
     def _grant(self, waiter: _Waiter) -> int:
         """The cores ``waiter`` may start with now, 0 while it must wait."""
         priority = waiter.account.priority
         free = self.cores - self._held[Priority.INTERACTIVE] - self._held[Priority.BULK]
         if self.policy != "interactive-first":  # fair: one queue, by time used
-            return self._fits(waiter, free) if self._first(waiter, self._waiting) else 0
+            return self._fits(waiter, free) if self._first(waiter, self._waiting) and not self._owed(waiter) else 0
         if not self._first(waiter, [w for w in self._waiting if w.account.priority is priority]):
+            return 0
+        if self._owed(waiter):
             return 0
         if priority is Priority.INTERACTIVE:
             if self._turns or self._turn_due():
@@ -232,6 +254,15 @@ class CpuBudget:
         if not (self._interactive_quiet() or self._bulk_share() < self.bulk_share):
             return 0
         return self._fits(waiter, free)
+
+    def _owed(self, waiter: _Waiter) -> bool:
+        """Another engine of the same priority (any, under ``fair``) has used less core time, runs nothing now
+        and finished a piece within the ``GRACE``: the cores are kept for its next step."""
+        now = self._clock()
+        same = self.policy != "interactive-first" or None
+        return any(a is not waiter.account and not a.running and now - a.last_active < GRACE
+                   and a.vtime < waiter.account.vtime and (same or a.priority is waiter.account.priority)
+                   for a in self._accounts.values())
 
     def _fits(self, waiter: _Waiter, free: int) -> int:
         """As many of the cores it wants as are ``free``, if that is at least its ``least``; all it wants when
@@ -271,7 +302,7 @@ class CpuBudget:
         never long, since its share of recent core time changes with the clock alone."""
         if waiter.account.priority is Priority.BULK and self.policy == "interactive-first":
             return min(0.1, max(0.001, self._interactive_until - self._clock()))
-        return None
+        return GRACE
 
     def _done(self, account: Account, cores: int, start: float, waited: float) -> None:
         now = self._clock()
