@@ -21,8 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: Quick ones first, so a broken server shows before the long runs.
-BENCHMARKS = ("embeddings", "transcription", "speech", "text_generation", "constrained", "isolation", "concurrency",
-              "load", "store")
+BENCHMARKS = ("embeddings", "transcription", "speech", "text_generation", "constrained", "isolation", "cores",
+              "concurrency", "load", "store")
 TARGET = re.compile(r"\(target[^)]*?(<=|>=|<|>)\s*([\d.]+)")
 NUMBER = re.compile(r"(-?\d+(?:\.\d+)?)x?\b")
 
