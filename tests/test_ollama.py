@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jsonschema
@@ -69,8 +70,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):  # noqa: 
 
 
 @pytest.fixture
-def client(server: ServerProcess) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=120)
+def client(server: ServerProcess) -> Iterator[ollama.Client]:
+    with ollama.Client(host=server.url, timeout=120) as made:
+        yield made
+
+
+@pytest.fixture
+def make_ollama() -> Iterator[Callable[[str], ollama.Client]]:
+    """Clients for servers a test starts itself, each closed when the test ends."""
+    made: list[ollama.Client] = []
+
+    def make(url: str) -> ollama.Client:
+        made.append(ollama.Client(host=url, timeout=300))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
 
 
 def real_figures(answer: ollama.ChatResponse | ollama.GenerateResponse) -> None:
@@ -301,6 +317,8 @@ def test_langchain_ollama_classes(server: ServerProcess) -> None:
     texts = ["the cat", "a dog barks"]
     for vector, text in zip(embeddings.embed_documents(texts), texts, strict=True):
         np.testing.assert_allclose(vector, reference(server.models, server.table, text), rtol=1e-5, atol=1e-6)
+    for one in (chat._client, embeddings._client):  # their ollama clients, which LangChain never closes
+        one.close()
 
 
 async def test_keys_and_admin_routes(make_client, tmp_path: Path, tiny_gguf: Path) -> None:  # noqa: ANN001
@@ -322,7 +340,7 @@ async def test_keys_and_admin_routes(make_client, tmp_path: Path, tiny_gguf: Pat
     assert gone.status == 404 and (await gone.json()) == {"error": 'model "tiny" not found, try pulling it first'}
 
 
-def test_pull_and_delete(server_process, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pull_and_delete(server_process, make_ollama, tmp_path: Path) -> None:  # noqa: ANN001
     """A gallery entry from a local wheel (``test_gallery``'s), pulled and deleted with the client."""
     build_wheel(tmp_path / "wheels")
     gallery = write_gallery(tmp_path / "g.yaml", hashlib.sha256(PAYLOAD).hexdigest(), name="small")
@@ -331,7 +349,7 @@ def test_pull_and_delete(server_process, tmp_path: Path) -> None:  # noqa: ANN00
     server = server_process("--models-path", str(models), "--config-dir", str(tmp_path / "d"),
                             env={"LOCALAI_GALLERY": str(gallery), "PIP_FIND_LINKS": str(tmp_path / "wheels"),
                                  "PIP_NO_INDEX": "1"})
-    client = ollama.Client(host=server.url, timeout=300)
+    client = make_ollama(server.url)
     with pytest.raises(ollama.ResponseError) as missing:
         client.pull("nothing-like-it")
     assert missing.value.status_code == 404 and "not in this server's gallery" in missing.value.error
@@ -349,10 +367,10 @@ def test_pull_and_delete(server_process, tmp_path: Path) -> None:  # noqa: ANN00
 
 
 @pytest.mark.model
-def test_real_models(server_process, tmp_path: Path) -> None:  # noqa: ANN001
+def test_real_models(server_process, make_ollama, tmp_path: Path) -> None:  # noqa: ANN001
     default_model_configs("smollm2-135m-instruct", "all-minilm-l6-v2")
     server = server_process("--models-path", str(DEFAULT_MODELS), "--config-dir", str(tmp_path / "d"))
-    client = ollama.Client(host=server.url, timeout=300)
+    client = make_ollama(server.url)
     vectors = client.embed(model="all-minilm-l6-v2", input=["a cat", "a kitten"]).embeddings
     assert [len(v) for v in vectors] == [384, 384]
     assert float(np.dot(vectors[0], vectors[1])) > 0.7
