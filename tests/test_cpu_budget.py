@@ -213,6 +213,24 @@ def test_an_engine_that_can_change_its_threads_takes_the_free_cores() -> None:
     assert chat.delayed == speech.delayed == 0
 
 
+def test_a_step_that_fits_beside_a_bulk_turn_runs_beside_it() -> None:
+    budget = CpuBudget(2, bulk_share=1.0, linger=10.0)
+    chat, speech = budget.account("chat", Priority.INTERACTIVE), budget.account("speech", Priority.INTERACTIVE)
+    with chat.piece(2, least=1):  # a conversation is under way: bulk work runs only as a turn
+        pass
+    log: list[str] = []
+    decoder_step = Piece(budget.account("whisper", Priority.BULK), 1, log, "whisper turn")
+    assert decoder_step.began.wait(5)
+    with chat.piece(2, least=1) as threads:  # the free core
+        assert threads == 1
+    sentence = Piece(speech, 2, log, "sentence")  # two threads do not fit beside the turn: it waits
+    _waiting(budget, 1)
+    decoder_step.finish()
+    assert sentence.began.wait(5)
+    sentence.finish()
+    assert log == ["whisper turn", "sentence"]
+
+
 def test_engines_of_one_priority_share_by_time_used() -> None:
     budget = CpuBudget(1, linger=0.0)
     long_account = budget.account("speech", Priority.INTERACTIVE)

@@ -56,7 +56,7 @@ IDLE = 0.5
 #: Seconds a piece waits for an engine of its priority that has used less core time and has just finished a
 #: piece: it is between two steps (sampling a token) and about to ask again. Pieces cannot be preempted, so
 #: without this the one that happens to wait when the cores free up would always win.
-GRACE = 0.003
+GRACE = 0.02
 #: Seconds over which ``Account.share`` is measured.
 SHARE_WINDOW = 10.0
 
@@ -244,8 +244,10 @@ class CpuBudget:
         if self._owed(waiter):
             return 0
         if priority is Priority.INTERACTIVE:
-            if self._turns or self._turn_due():
+            if self._turn_due():
                 return 0
+            if self._turns:  # a bulk turn keeps its cores; a step that fits in the others may run beside it
+                return self._fits(waiter, free) if free > 0 else 0
             if not self._fits(waiter, self.cores - self._held[Priority.INTERACTIVE]):
                 return 0
             # A bulk piece still running keeps its cores until it ends; a conversation takes what is free,
