@@ -56,7 +56,7 @@ IDLE = 0.5
 #: Seconds a piece waits for an engine of its priority that has used less core time and has just finished a
 #: piece: it is between two steps (sampling a token) and about to ask again. Pieces cannot be preempted, so
 #: without this the one that happens to wait when the cores free up would always win.
-GRACE = 0.02
+GRACE = 0.1
 #: Seconds over which ``Account.share`` is measured.
 SHARE_WINDOW = 10.0
 
@@ -165,6 +165,8 @@ class CpuBudget:
         self._seq = itertools.count()
         self._interactive_until = -math.inf  # bulk waits until then (the last interactive piece + linger)
         self._accounts: dict[str, Account] = {}
+        #: Per priority, the least virtual time of its busy engines, never going back (CFS's min_vruntime).
+        self._floor = {Priority.INTERACTIVE: 0.0, Priority.BULK: 0.0}
 
     def account(self, name: str, priority: Priority) -> Account:
         with self._cond:
@@ -208,6 +210,7 @@ class CpuBudget:
             self._turns += turn
             self._held[account.priority] += granted
             account.running += 1
+            self._raise_floor(self._class(account))
             start = self._clock()
         try:
             yield granted
@@ -223,15 +226,22 @@ class CpuBudget:
                 self._cond.notify_all()
 
     def _level(self, account: Account, now: float) -> None:
-        """An engine back from idling starts level with the least advanced of the engines busy now (as CFS
-        does with a task that wakes): the core time it did not use while idle is not owed to it, and the time
-        it used long ago is not held against it."""
-        if account.running or now - account.last_active < IDLE:
-            return
-        busy = [a.vtime for a in self._accounts.values() if a is not account and a.running] + \
-               [w.account.vtime for w in self._waiting if w.account is not account]
+        """Place an engine that asks for cores against the others of its priority, as CFS places a task that
+        wakes: back from idling it starts at their floor (the core time it did not use while idle is not owed
+        to it, and what it used long ago is not held against it); otherwise never below the floor, so an
+        engine that paused between two requests cannot take the cores for as long as it was behind."""
+        floor = self._floor[self._class(account)]
+        idle = not account.running and now - account.last_active >= IDLE
+        account.vtime = floor if idle else max(account.vtime, floor)
+
+    def _class(self, account: Account) -> Priority:
+        return account.priority if self.policy == "interactive-first" else Priority.INTERACTIVE
+
+    def _raise_floor(self, priority: Priority) -> None:
+        busy = [a.vtime for a in self._accounts.values() if a.running and self._class(a) is priority] + \
+               [w.account.vtime for w in self._waiting if self._class(w.account) is priority]
         if busy:
-            account.vtime = min(busy)
+            self._floor[priority] = max(self._floor[priority], min(busy))
 
     def _grant(self, waiter: _Waiter) -> int:
         """The cores ``waiter`` may start with now, 0 while it must wait."""
