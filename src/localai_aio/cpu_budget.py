@@ -54,8 +54,9 @@ POLICIES = ("interactive-first", "fair", "off")
 #: Seconds without a piece after which an engine counts as idle (see ``CpuBudget._level``).
 IDLE = 0.5
 #: Seconds a piece waits for an engine of its priority that has used less core time and has just finished a
-#: piece: it is between two steps (sampling a token) and about to ask again. Pieces cannot be preempted, so
-#: without this the one that happens to wait when the cores free up would always win.
+#: piece: it is between two steps (sampling a token, which may first wait for the GIL) and about to ask again.
+#: Pieces cannot be preempted, so without this the one that happens to wait when the cores free up would
+#: always win.
 GRACE = 0.1
 #: Seconds over which ``Account.share`` is measured.
 SHARE_WINDOW = 10.0
