@@ -31,17 +31,16 @@ import json
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 
 from _clients import client, median, stream_chat, verdict, warm_up
 from _server import DEFAULT_MODELS, server
-from transcription import speak
+from transcription import MODEL as WHISPER
+from transcription import speak, transcription_form
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 VOICE = "en-us-joe-medium"
-WHISPER = "whisper-base"
 ENGINES = ("chat", "transcription", "speech", "embeddings")
 SPOKEN = ("The morning train left the station a little after seven. Nobody on the platform seemed to notice. "
           "A small dog waited patiently beside a bench. Somewhere a radio was playing an old song.")
@@ -56,12 +55,8 @@ def post(url: str, path: str, body: bytes, content_type: str) -> bytes:
 
 
 def transcribe(url: str, wav: bytes) -> str:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{WHISPER}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
-            f"Content-Type: audio/wav\r\n\r\n").encode() + wav + f"\r\n--{boundary}--\r\n".encode()
-    return json.loads(post(url, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={boundary}"))["text"]
+    body, content_type = transcription_form(wav)
+    return json.loads(post(url, "/v1/audio/transcriptions", body, content_type))["text"]
 
 
 def duration(wav: bytes) -> float:

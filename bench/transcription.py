@@ -78,14 +78,20 @@ def speak(seconds: float) -> bytes:
     return audio
 
 
-def through_server(url: str, wav: bytes) -> float:
+def transcription_form(wav: bytes) -> tuple[bytes, str]:
+    """A /v1/audio/transcriptions body for ``wav`` (English, the Whisper base model) and its Content-Type."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{MODEL}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
             f"Content-Type: audio/wav\r\n\r\n").encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def through_server(url: str, wav: bytes) -> float:
+    body, content_type = transcription_form(wav)
     request = urllib.request.Request(url + "/v1/audio/transcriptions", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": content_type})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as resp:
         resp.read()
